@@ -1,0 +1,154 @@
+"""The public model object: ``from_pretrained``, ``canvas_logits``, ``save_pretrained``."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from dgemma_jax import checkpoint
+from dgemma_jax.cache import KVCache
+from dgemma_jax.config import ModelConfig, load_hf_config
+from dgemma_jax.model import DiffusionGemma
+from dgemma_jax.sharding import RULES, shard_module, variable_sharding
+
+DEFAULT_DTYPE = jnp.bfloat16
+
+
+class Model:
+    """A loaded DiffusionGemma: the NNX module plus what came with its checkpoint.
+
+    The forward passes are jitted once per (batch, prompt length, canvas length) shape.
+    """
+
+    def __init__(self, module: DiffusionGemma, hf_config: dict[str, Any] | None = None,
+                 source_dir: Path | None = None, passthrough=(), mesh: Mesh | None = None):
+        self.module = module
+        self.config: ModelConfig = module.config
+        self.hf_config = hf_config
+        self.source_dir = source_dir
+        self.mesh = mesh
+        self._passthrough = list(passthrough)
+        self.graphdef, self.state = nnx.split(module)
+
+    @property
+    def dtype(self):
+        return self.module.dtype
+
+    # ---- forward passes --------------------------------------------------------------------
+    def canvas_logits(self, prompt_ids, canvas_ids, self_conditioning_logits=None) -> jax.Array:
+        """Encodes ``prompt_ids`` [B, T] causally, then denoises ``canvas_ids`` [B, L].
+
+        ``self_conditioning_logits`` [B, L, V] or None (zero signal). Returns float32 logits
+        [B, L, V], equal to transformers' ``DiffusionGemmaForBlockDiffusion(input_ids=prompt_ids,
+        decoder_input_ids=canvas_ids, self_conditioning_logits=...).logits``.
+        """
+        prompt, canvas = _as_tokens(prompt_ids, "prompt_ids"), _as_tokens(canvas_ids, "canvas_ids")
+        if prompt.shape[0] != canvas.shape[0]:
+            raise ValueError(f"prompt_ids has batch {prompt.shape[0]} but canvas_ids has batch {canvas.shape[0]}")
+        if self_conditioning_logits is not None:
+            expected = (*canvas.shape, self.config.vocab_size)
+            if tuple(self_conditioning_logits.shape) != expected:
+                raise ValueError(
+                    f"self_conditioning_logits: expected shape {expected}, found {tuple(self_conditioning_logits.shape)}"
+                )
+            self_conditioning_logits = jnp.asarray(self_conditioning_logits, jnp.float32)
+        self._check_vocab(prompt, "prompt_ids")
+        self._check_vocab(canvas, "canvas_ids")
+        return _canvas_logits(self.graphdef, self.state, prompt, canvas, self_conditioning_logits)
+
+    def encoder_logits(self, prompt_ids) -> jax.Array:
+        """Autoregressive (encoder pass) logits [B, T, V], float32: position t predicts token t+1."""
+        prompt = _as_tokens(prompt_ids, "prompt_ids")
+        self._check_vocab(prompt, "prompt_ids")
+        return _encoder_logits(self.graphdef, self.state, prompt)
+
+    def _check_vocab(self, tokens: np.ndarray, name: str) -> None:
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(f"{name}: token ids must be in [0, {self.config.vocab_size}), found "
+                             f"[{tokens.min()}, {tokens.max()}]")
+
+    # ---- saving ----------------------------------------------------------------------------
+    def save_pretrained(self, out_dir, max_shard_size: str | int = "5GB", progress: bool = False) -> Path:
+        """Writes an HF snapshot (config.json, safetensors [+ index], generation/tokenizer files)
+        that transformers' ``from_pretrained`` loads. The write is atomic."""
+        out_dir = Path(out_dir)
+        module = nnx.merge(self.graphdef, self.state)
+        tensors = checkpoint.iter_hf_tensors(module, self.config)
+        passthrough = checkpoint.passthrough_tensors(self._passthrough)
+        side = [self.source_dir / f for f in checkpoint.SIDE_FILES if self.source_dir and (self.source_dir / f).is_file()]
+        config_json = self.config.to_hf_dict(self.hf_config)
+        config_json["dtype"] = str(np.dtype(self.dtype))
+        count = len(checkpoint.tensor_specs(self.config)) + len(self._passthrough)
+        with tqdm(total=count, desc=f"saving {out_dir.name}", unit="tensor", disable=not progress) as bar:
+            checkpoint.write_checkpoint(
+                out_dir, _chain(tensors, passthrough), config_json, side,
+                checkpoint.parse_size(max_shard_size), progress=bar.update,
+            )
+        return out_dir
+
+
+def _chain(*iterators):
+    for it in iterators:
+        yield from it
+
+
+def _as_tokens(x, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected shape [batch, length], found {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name}: expected integer token ids, found dtype {arr.dtype}")
+    return arr.astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _canvas_logits(graphdef, state, prompt, canvas, self_conditioning_logits):
+    model = nnx.merge(graphdef, state)
+    cache = KVCache.create(model.config, prompt.shape[0], prompt.shape[1], model.dtype)
+    _, cache = model.encode(prompt, cache)
+    return model.denoise(canvas, cache, self_conditioning_logits)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encoder_logits(graphdef, state, prompt):
+    model = nnx.merge(graphdef, state)
+    cache = KVCache.create(model.config, prompt.shape[0], prompt.shape[1], model.dtype)
+    hidden, _ = model.encode(prompt, cache)
+    return model.logits(hidden)
+
+
+def from_config(config: ModelConfig, seed: int = 0, dtype=DEFAULT_DTYPE, mesh: Mesh | None = None, rules=RULES) -> Model:
+    """A randomly initialised model (for tests, benchmarks and training from scratch)."""
+    module = DiffusionGemma(config, rngs=nnx.Rngs(seed), dtype=dtype)
+    if mesh is not None:
+        shard_module(module, mesh, rules)
+    return Model(module, mesh=mesh)
+
+
+def from_pretrained(path, dtype=None, mesh: Mesh | None = None, rules=RULES, progress: bool = False,
+                    **config_overrides) -> Model:
+    """Loads a Hugging Face snapshot directory (config.json, *.safetensors [+ index json], ...).
+
+    ``dtype``: parameter dtype (default bfloat16). ``mesh``: place parameters sharded by ``rules``.
+    ``config_overrides``: back-end switches such as ``moe_impl="dense"``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face snapshot)")
+    config, raw = load_hf_config(path)
+    config = config.replace(**config_overrides) if config_overrides else config
+    dtype = jnp.dtype(dtype or DEFAULT_DTYPE)
+    abstract = nnx.eval_shape(lambda: DiffusionGemma(config, rngs=nnx.Rngs(0), dtype=dtype))
+    sharding_of = (lambda var: variable_sharding(var, mesh, rules)) if mesh is not None else None
+    total = len(checkpoint.tensor_specs(config))
+    with tqdm(total=total, desc=f"loading {path.name}", unit="tensor", disable=not progress) as bar:
+        passthrough = checkpoint.load_params(path, config, abstract, dtype, sharding_of, progress=bar.update)
+    return Model(abstract, hf_config=raw, source_dir=path, passthrough=passthrough, mesh=mesh)

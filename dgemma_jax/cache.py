@@ -1,0 +1,49 @@
+"""The preallocated, fixed-size KV cache written by the encoder pass and read by the canvas pass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dgemma_jax.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer, plus how many positions of each row are filled.
+
+    ``keys[i]`` / ``values[i]``: ``[B, S, kv_heads_i, head_dim_i]`` (post-norm, post-RoPE keys;
+    normed values). Row ``b`` holds its tokens at positions ``0 .. length[b]-1``; entries at and past
+    ``length[b]`` are garbage and always masked.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    length: jax.Array  # [B] int32
+
+    @property
+    def size(self) -> int:
+        """S, the number of positions the cache can hold."""
+        return self.keys[0].shape[1]
+
+    @classmethod
+    def create(cls, config: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> "KVCache":
+        """An empty cache of ``size`` positions for ``batch`` rows."""
+        shapes = [(batch, size, config.layer_kv_heads(lt), config.layer_head_dim(lt)) for lt in config.layer_types]
+        return cls(
+            keys=tuple(jnp.zeros(s, dtype) for s in shapes),
+            values=tuple(jnp.zeros(s, dtype) for s in shapes),
+            length=jnp.zeros((batch,), jnp.int32),
+        )
+
+
+def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Writes ``new`` [B, T, ...] into ``buffer`` [B, S, ...] at per-row offsets ``start`` [B]."""
+
+    def one(buf, x, s):
+        return jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), s, axis=0)
+
+    return jax.vmap(one)(buffer, new, start)

@@ -1,0 +1,76 @@
+"""Mixture of experts: the exact router and the expert computation behind one interface.
+
+Back ends (``config.moe_impl``):
+  ``ragged``: tokens sorted by expert, two grouped matmuls (``jax.lax.ragged_dot``); only the
+              chosen experts are computed.
+  ``dense``:  every token through every expert, weighted by the (mostly zero) gate matrix. A test
+              reference only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dgemma_jax.config import ModelConfig
+from dgemma_jax.layers import param, rms_norm
+
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+class MoE(nnx.Module):
+    """Router + ``num_experts`` gated-GELU experts of width ``moe_intermediate_size``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.config = config
+        self.router_proj = param(rngs, (h, e), ("embed", None), dtype)
+        self.router_scale = param(rngs, (h,), (None,), dtype, init="ones")
+        self.per_expert_scale = param(rngs, (e,), (None,), dtype, init="ones")
+        self.gate = param(rngs, (e, h, i), ("expert", "embed", "moe_mlp"), dtype)
+        self.up = param(rngs, (e, h, i), ("expert", "embed", "moe_mlp"), dtype)
+        self.down = param(rngs, (e, i, h), ("expert", "moe_mlp", "embed"), dtype)
+
+    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [N, H] (the residual stream) -> (weights [N, K] f32, expert ids [N, K] int32)."""
+        h = self.config.hidden_size
+        z = rms_norm(x, None, self.config.rms_norm_eps) * self.router_scale[...] * (h**-0.5)
+        scores = z @ self.router_proj[...]  # [N, E]
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+        top_w, top_i = jax.lax.top_k(probs, self.config.num_experts_per_tok)
+        top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+        top_w = top_w * self.per_expert_scale[...][top_i].astype(jnp.float32)
+        return top_w, top_i
+
+    def __call__(self, x_route: jax.Array, x_expert: jax.Array) -> jax.Array:
+        """x_route [N, H] picks the experts, x_expert [N, H] goes through them -> [N, H]."""
+        weights, ids = self.route(x_route)
+        if self.config.moe_impl == "dense":
+            out = self._dense(x_expert, weights, ids)
+        else:
+            out = self._ragged(x_expert, weights, ids)
+        return out.astype(x_expert.dtype)
+
+    def _ragged(self, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
+        n, k = ids.shape
+        flat_ids = ids.reshape(-1)  # [N*K]
+        order = jnp.argsort(flat_ids, stable=True)  # [N*K], grouped by expert
+        token = order // k
+        group_sizes = jnp.bincount(flat_ids, length=self.config.num_experts).astype(jnp.int32)
+        xs = x[token]  # [N*K, H]
+        g = jax.lax.ragged_dot(xs, self.gate[...], group_sizes)
+        u = jax.lax.ragged_dot(xs, self.up[...], group_sizes)
+        y = jax.lax.ragged_dot(gelu_tanh(g) * u, self.down[...], group_sizes)  # [N*K, H]
+        y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+        return jnp.zeros((n, x.shape[1]), jnp.float32).at[token].add(y)
+
+    def _dense(self, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
+        gates = jnp.zeros((x.shape[0], self.config.num_experts), jnp.float32)
+        gates = gates.at[jnp.arange(x.shape[0])[:, None], ids].add(weights)  # [N, E]
+        g = jnp.einsum("nh,ehi->eni", x, self.gate[...])
+        u = jnp.einsum("nh,ehi->eni", x, self.up[...])
+        y = jnp.einsum("eni,eih->enh", gelu_tanh(g) * u, self.down[...])
+        return jnp.einsum("enh,ne->nh", y.astype(jnp.float32), gates)
