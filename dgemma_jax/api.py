@@ -17,7 +17,7 @@ from dgemma_jax import checkpoint
 from dgemma_jax.cache import KVCache
 from dgemma_jax.config import ModelConfig, load_hf_config
 from dgemma_jax.model import DiffusionGemma
-from dgemma_jax.sharding import RULES, shard_module, variable_sharding
+from dgemma_jax.sharding import RULES, variable_sharding
 
 DEFAULT_DTYPE = jnp.bfloat16
 
@@ -53,16 +53,18 @@ class Model:
         prompt, canvas = _as_tokens(prompt_ids, "prompt_ids"), _as_tokens(canvas_ids, "canvas_ids")
         if prompt.shape[0] != canvas.shape[0]:
             raise ValueError(f"prompt_ids has batch {prompt.shape[0]} but canvas_ids has batch {canvas.shape[0]}")
-        if self_conditioning_logits is not None:
-            expected = (*canvas.shape, self.config.vocab_size)
-            if tuple(self_conditioning_logits.shape) != expected:
-                raise ValueError(
-                    f"self_conditioning_logits: expected shape {expected}, found {tuple(self_conditioning_logits.shape)}"
-                )
-            self_conditioning_logits = jnp.asarray(self_conditioning_logits, jnp.float32)
+        expected = (*canvas.shape, self.config.vocab_size)
+        if self_conditioning_logits is None:  # zero signal; same compiled function as with logits
+            sc_logits, sc_mask = jnp.zeros(expected, jnp.float32), jnp.zeros(canvas.shape[:1], bool)
+        elif tuple(self_conditioning_logits.shape) != expected:
+            raise ValueError(
+                f"self_conditioning_logits: expected shape {expected}, found {tuple(self_conditioning_logits.shape)}"
+            )
+        else:
+            sc_logits, sc_mask = jnp.asarray(self_conditioning_logits, jnp.float32), jnp.ones(canvas.shape[:1], bool)
         self._check_vocab(prompt, "prompt_ids")
         self._check_vocab(canvas, "canvas_ids")
-        return _canvas_logits(self.graphdef, self.state, prompt, canvas, self_conditioning_logits)
+        return _canvas_logits(self.graphdef, self.state, prompt, canvas, sc_logits, sc_mask)
 
     def encoder_logits(self, prompt_ids) -> jax.Array:
         """Autoregressive (encoder pass) logits [B, T, V], float32: position t predicts token t+1."""
@@ -110,11 +112,11 @@ def _as_tokens(x, name: str) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _canvas_logits(graphdef, state, prompt, canvas, self_conditioning_logits):
+def _canvas_logits(graphdef, state, prompt, canvas, sc_logits, sc_mask):
     model = nnx.merge(graphdef, state)
     cache = KVCache.create(model.config, prompt.shape[0], prompt.shape[1], model.dtype)
     _, cache = model.encode(prompt, cache)
-    return model.denoise(canvas, cache, self_conditioning_logits)
+    return model.denoise(canvas, cache, sc_logits, sc_mask)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -126,11 +128,22 @@ def _encoder_logits(graphdef, state, prompt):
 
 
 def from_config(config: ModelConfig, seed: int = 0, dtype=DEFAULT_DTYPE, mesh: Mesh | None = None, rules=RULES) -> Model:
-    """A randomly initialised model (for tests, benchmarks and training from scratch)."""
-    module = DiffusionGemma(config, rngs=nnx.Rngs(seed), dtype=dtype)
-    if mesh is not None:
-        shard_module(module, mesh, rules)
-    return Model(module, mesh=mesh)
+    """A randomly initialised model (for tests, benchmarks and training from scratch).
+
+    With ``mesh``, every parameter is created directly in its shard (nothing is materialised whole).
+    """
+
+    def create():
+        return DiffusionGemma(config, rngs=nnx.Rngs(seed), dtype=dtype)
+
+    if mesh is None:
+        return Model(create())
+    graphdef, abstract = nnx.split(nnx.eval_shape(create))
+    shardings = jax.tree.map(
+        lambda var: variable_sharding(var, mesh, rules), abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
+    return Model(nnx.merge(graphdef, state), mesh=mesh)
 
 
 def from_pretrained(path, dtype=None, mesh: Mesh | None = None, rules=RULES, progress: bool = False,

@@ -163,13 +163,21 @@ class DiffusionGemma(nnx.Module):
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(table.dtype)
         return (probs @ table) * jnp.asarray(self.config.embed_scale, table.dtype)
 
-    def denoise(self, canvas: jax.Array, cache: KVCache, self_conditioning_logits: jax.Array | None = None):
-        """Bidirectional pass over ``canvas`` [B, L] -> float32 logits [B, L, V]. Reads the cache only."""
+    def denoise(self, canvas: jax.Array, cache: KVCache, self_conditioning_logits: jax.Array | None = None,
+                self_conditioning_mask: jax.Array | None = None):
+        """Bidirectional pass over ``canvas`` [B, L] -> float32 logits [B, L, V]. Reads the cache only.
+
+        ``self_conditioning_logits`` [B, L, V]: the previous step's logits, or None for a zero signal.
+        ``self_conditioning_mask`` [B] bool: rows where it is False get exactly zero signal (as if no
+        logits were given), so one compiled step serves first and later denoising steps alike.
+        """
         x = self.embed(canvas)
         if self_conditioning_logits is None:
             soft = jnp.zeros_like(x)
         else:
             soft = self.soft_embeddings(self_conditioning_logits)
+            if self_conditioning_mask is not None:
+                soft = jnp.where(self_conditioning_mask[:, None, None], soft, jnp.zeros_like(soft))
         x = self.self_conditioning(x, soft)
         positions = cache.length[:, None] + jnp.arange(canvas.shape[1], dtype=jnp.int32)[None, :]
         for i, layer in enumerate(self.layers):

@@ -67,10 +67,3 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh, rules=RULES) -> NamedShardi
     axes = var.get_metadata("logical_axes", None) or (None,) * len(var.shape)
     return NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh, rules))
 
-
-def shard_module(module: nnx.Module, mesh: Mesh, rules=RULES) -> nnx.Module:
-    """Places every variable of ``module`` on ``mesh`` according to its logical axes (in place)."""
-    for _, var in nnx.iter_graph(module):
-        if isinstance(var, nnx.Variable):
-            var.set_value(jax.device_put(var.get_value(), variable_sharding(var, mesh, rules)))
-    return module
