@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from dgemma_jax import checkpoint
 from dgemma_jax.cache import KVCache
 from dgemma_jax.config import ModelConfig, load_hf_config
+from dgemma_jax.layers import host_init
 from dgemma_jax.model import DiffusionGemma
 from dgemma_jax.sharding import RULES, variable_sharding
 
@@ -130,20 +131,16 @@ def _encoder_logits(graphdef, state, prompt):
 def from_config(config: ModelConfig, seed: int = 0, dtype=DEFAULT_DTYPE, mesh: Mesh | None = None, rules=RULES) -> Model:
     """A randomly initialised model (for tests, benchmarks and training from scratch).
 
-    With ``mesh``, every parameter is created directly in its shard (nothing is materialised whole).
+    Values are drawn on the host one tensor at a time (no per-shape XLA compiles) and placed
+    directly with their sharding when ``mesh`` is given.
     """
-
-    def create():
-        return DiffusionGemma(config, rngs=nnx.Rngs(seed), dtype=dtype)
-
-    if mesh is None:
-        return Model(create())
-    graphdef, abstract = nnx.split(nnx.eval_shape(create))
-    shardings = jax.tree.map(
-        lambda var: variable_sharding(var, mesh, rules), abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
-    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=shardings)()
-    return Model(nnx.merge(graphdef, state), mesh=mesh)
+    abstract = nnx.eval_shape(lambda: DiffusionGemma(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype)))
+    rng = np.random.default_rng(seed)
+    for _, var in nnx.iter_graph(abstract):
+        if isinstance(var, nnx.Variable):
+            sharding = variable_sharding(var, mesh, rules) if mesh is not None else None
+            var.set_value(jax.device_put(host_init(var, rng), sharding))
+    return Model(abstract, mesh=mesh)
 
 
 def from_pretrained(path, dtype=None, mesh: Mesh | None = None, rules=RULES, progress: bool = False,

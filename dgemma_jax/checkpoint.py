@@ -258,6 +258,8 @@ def write_checkpoint(out_dir: Path, tensors: Iterator[tuple[str, np.ndarray]], c
                      side_files: list[Path] = (), max_shard_bytes: int = 5 * 2**30, progress=None) -> None:
     """Writes config.json, safetensors shards (+ index when more than one) atomically into ``out_dir``."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "config.json").is_file())):
+        raise FileExistsError(f"{out_dir}: exists and is not a checkpoint directory; refusing to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:

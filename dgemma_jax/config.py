@@ -63,7 +63,7 @@ class ModelConfig:
     canvas_length: int = 256
     pad_token_id: int = 0
     bos_token_id: int = 2
-    eos_token_ids: tuple[int, ...] = (1,)
+    eos_token_ids: tuple[int, ...] = (1, 106, 50)
     # Back ends (not part of the checkpoint): how MoE and attention are computed.
     moe_impl: str = "ragged"
     attention_impl: str = "xla"

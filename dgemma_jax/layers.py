@@ -23,7 +23,16 @@ def param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal", kind=nnx.Par
         value = jnp.zeros(shape, dtype)
     else:
         value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return kind(value, logical_axes=tuple(axes))
+    return kind(value, logical_axes=tuple(axes), init=init, init_std=std)
+
+
+def host_init(var: nnx.Variable, rng: np.random.Generator) -> np.ndarray:
+    """A fresh value for ``var`` drawn on the host, following its ``init`` metadata."""
+    shape, dtype = var.shape, var.get_value().dtype
+    kind = var.get_metadata("init", "normal")
+    if kind in ("ones", "zeros"):
+        return (np.ones if kind == "ones" else np.zeros)(shape, dtype)
+    return (var.get_metadata("init_std", 0.02) * rng.standard_normal(shape, np.float32)).astype(dtype)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:

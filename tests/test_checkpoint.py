@@ -175,3 +175,12 @@ def test_torch_reads_our_bfloat16_save(hf, tmp_path):
     out = dgemma_jax.from_pretrained(hf[1]).save_pretrained(tmp_path / "bf16")
     back, _ = oracle.load(out)
     assert back.model.decoder.layers[0].experts.down_proj.dtype == torch.bfloat16
+
+
+def test_save_refuses_to_replace_a_foreign_directory(hf, tmp_path):
+    ours = dgemma_jax.from_pretrained(hf[1], dtype="float32")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="notes"):
+        ours.save_pretrained(tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"

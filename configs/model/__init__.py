@@ -1,0 +1,1 @@
+"""Model configs: ``get_config()`` returns a ConfigDict of ``dgemma_jax.config.ModelConfig`` fields."""

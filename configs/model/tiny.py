@@ -1,0 +1,38 @@
+"""A tiny model for unit tests and smoke runs (well under a million parameters)."""
+
+import ml_collections
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            head_dim=16,
+            num_kv_heads=2,
+            global_head_dim=32,
+            num_global_kv_heads=1,
+            layer_types=[SLIDING, SLIDING, SLIDING, FULL],
+            sliding_window=8,
+            rope={
+                SLIDING: dict(rope_type="default", theta=10_000.0, partial_rotary_factor=1.0, factor=1.0),
+                FULL: dict(rope_type="proportional", theta=1_000_000.0, partial_rotary_factor=0.25, factor=1.0),
+            },
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            rms_norm_eps=1e-6,
+            final_logit_softcap=30.0,
+            hidden_activation="gelu_pytorch_tanh",
+            canvas_length=16,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_ids=[1, 106, 50],
+            moe_impl="ragged",
+            attention_impl="xla",
+        )
+    )
