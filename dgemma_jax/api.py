@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from dgemma_jax import checkpoint
+from dgemma_jax import checkpoint, native
 from dgemma_jax.cache import KVCache
 from dgemma_jax.config import ModelConfig, load_hf_config
 from dgemma_jax.layers import host_init
@@ -86,16 +86,26 @@ class Model:
         module = nnx.merge(self.graphdef, self.state)
         tensors = checkpoint.iter_hf_tensors(module, self.config)
         passthrough = checkpoint.passthrough_tensors(self._passthrough)
-        side = [self.source_dir / f for f in checkpoint.SIDE_FILES if self.source_dir and (self.source_dir / f).is_file()]
         config_json = self.config.to_hf_dict(self.hf_config)
         config_json["dtype"] = str(np.dtype(self.dtype))
         count = len(checkpoint.tensor_specs(self.config)) + len(self._passthrough)
         with tqdm(total=count, desc=f"saving {out_dir.name}", unit="tensor", disable=not progress) as bar:
             checkpoint.write_checkpoint(
-                out_dir, _chain(tensors, passthrough), config_json, side,
+                out_dir, _chain(tensors, passthrough), config_json, self._side_files(),
                 checkpoint.parse_size(max_shard_size), progress=bar.update,
             )
         return out_dir
+
+
+    def save_orbax(self, out_dir) -> Path:
+        """Writes our native format: config.json + an orbax checkpoint of the parameters (restores
+        shard by shard onto a mesh). ``from_pretrained`` reads it back."""
+        module = nnx.merge(self.graphdef, self.state)
+        return native.save(module, Path(out_dir), self.config.to_hf_dict(self.hf_config), self._side_files())
+
+    def _side_files(self) -> list[Path]:
+        src = self.source_dir
+        return [src / f for f in checkpoint.SIDE_FILES if src and (src / f).is_file()]
 
 
 def _chain(*iterators):
@@ -145,7 +155,8 @@ def from_config(config: ModelConfig, seed: int = 0, dtype=DEFAULT_DTYPE, mesh: M
 
 def from_pretrained(path, dtype=None, mesh: Mesh | None = None, rules=RULES, progress: bool = False,
                     **config_overrides) -> Model:
-    """Loads a Hugging Face snapshot directory (config.json, *.safetensors [+ index json], ...).
+    """Loads a Hugging Face snapshot directory (config.json, *.safetensors [+ index json], ...),
+    or our native orbax format (``Model.save_orbax``).
 
     ``dtype``: parameter dtype (default bfloat16). ``mesh``: place parameters sharded by ``rules``.
     ``config_overrides``: back-end switches such as ``moe_impl="dense"``.
@@ -158,6 +169,9 @@ def from_pretrained(path, dtype=None, mesh: Mesh | None = None, rules=RULES, pro
     dtype = jnp.dtype(dtype or DEFAULT_DTYPE)
     abstract = nnx.eval_shape(lambda: DiffusionGemma(config, rngs=nnx.Rngs(0), dtype=dtype))
     sharding_of = (lambda var: variable_sharding(var, mesh, rules)) if mesh is not None else None
+    if native.is_native(path):
+        native.restore(path, abstract, dtype, sharding_of)
+        return Model(abstract, hf_config=raw, source_dir=path, mesh=mesh)
     total = len(checkpoint.tensor_specs(config))
     with tqdm(total=total, desc=f"loading {path.name}", unit="tensor", disable=not progress) as bar:
         passthrough = checkpoint.load_params(path, config, abstract, dtype, sharding_of, progress=bar.update)

@@ -258,10 +258,7 @@ def write_checkpoint(out_dir: Path, tensors: Iterator[tuple[str, np.ndarray]], c
                      side_files: list[Path] = (), max_shard_bytes: int = 5 * 2**30, progress=None) -> None:
     """Writes config.json, safetensors shards (+ index when more than one) atomically into ``out_dir``."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "config.json").is_file())):
-        raise FileExistsError(f"{out_dir}: exists and is not a checkpoint directory; refusing to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp = prepare_output(out_dir)
     try:
         shards: list[dict[str, np.ndarray]] = [{}]
         size = 0
@@ -303,13 +300,21 @@ def write_checkpoint(out_dir: Path, tensors: Iterator[tuple[str, np.ndarray]], c
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
         for f in side_files:
             shutil.copy2(f, tmp / Path(f).name)
-        _swap_in(tmp, out_dir)
+        swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _swap_in(tmp: Path, out_dir: Path) -> None:
+def prepare_output(out_dir: Path) -> Path:
+    """Checks that ``out_dir`` may be (re)placed and returns an empty sibling directory to write into."""
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "config.json").is_file())):
+        raise FileExistsError(f"{out_dir}: exists and is not a checkpoint directory; refusing to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+
+
+def swap_in(tmp: Path, out_dir: Path) -> None:
     """Replaces ``out_dir`` by ``tmp`` with renames only (the old one survives any failure before)."""
     if out_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

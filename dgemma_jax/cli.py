@@ -67,6 +67,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
             print(f"{PROG}: note: {src} records dtype {recorded}; writing bfloat16 (use --dtype to choose)",
                   file=sys.stderr)
     model = dgemma_jax.from_pretrained(src, dtype=dtype, progress=not args.quiet)
+    if args.to == "orbax":
+        out = model.save_orbax(dst)
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        print(f"wrote {out}: orbax checkpoint, {_human_bytes(size)}, dtype {dtype}")
+        return 0
     out = model.save_pretrained(dst, max_shard_size=args.max_shard_size, progress=not args.quiet)
     files = sorted(p.name for p in out.glob("*.safetensors"))
     size = sum((out / f).stat().st_size for f in files)
@@ -158,10 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "convert",
-        help="re-shard / re-cast a Hugging Face checkpoint (validates every tensor)",
+        help="convert between Hugging Face safetensors and our orbax format (validates every tensor)",
         description=(
-            "Load the Hugging Face snapshot SRC and write it to DST in the same layout, optionally "
-            "re-cast and re-sharded. Loading validates every tensor: names, shapes and that tied "
+            "Load SRC (a Hugging Face snapshot, or our orbax format) and write it to DST as a Hugging "
+            "Face snapshot (--to hf, the default; optionally re-cast and re-sharded) or in our orbax "
+            "format (--to orbax: the text model only; restores shard by shard onto a device mesh). Loading an HF snapshot "
+            "validates every tensor: names, shapes and that tied "
             "encoder/decoder copies agree. Tokenizer, generation and chat-template files are copied; "
             "vision-tower tensors are carried over unchanged. The write is atomic."
         ),
@@ -173,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file, e.g. 5GB, 500MB (default: %(default)s); "
                         "more than one file adds model.safetensors.index.json")
+    p.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace DST if it already holds a checkpoint")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

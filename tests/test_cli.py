@@ -77,6 +77,16 @@ def test_convert_round_trip(source, source_logits, tmp_path, capsys):
     np.testing.assert_array_equal(_logits(dst), source_logits)
 
 
+def test_convert_to_orbax_and_back(source, source_logits, tmp_path, capsys):
+    native, back = tmp_path / "native", tmp_path / "back"
+    assert cli.main(["convert", str(source), str(native), "--to", "orbax", "--quiet"]) == 0
+    assert (native / "params").is_dir() and not list(native.glob("*.safetensors"))
+    np.testing.assert_array_equal(_logits(native), source_logits)
+    assert cli.main(["convert", str(native), str(back), "--quiet"]) == 0
+    assert (back / "model.safetensors").is_file()
+    np.testing.assert_array_equal(_logits(back), source_logits)
+
+
 def test_convert_small_shards_writes_index(source, source_logits, tmp_path):
     dst = tmp_path / "sharded"
     assert cli.main(["convert", str(source), str(dst), "--max-shard-size", "64KB", "-q"]) == 0

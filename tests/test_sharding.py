@@ -51,6 +51,17 @@ def test_loaded_on_mesh_matches_single_device(hf, shape):
     np.testing.assert_allclose(want, oracle.canvas_logits(ref, prompt, canvas), rtol=0, atol=1e-4)
 
 
+def test_orbax_restores_onto_mesh(hf, tmp_path):
+    single = dgemma_jax.from_pretrained(hf[1], dtype="float32")
+    path = single.save_orbax(tmp_path / "native")
+    sharded = dgemma_jax.from_pretrained(path, dtype="float32", mesh=make_mesh({"fsdp": 2, "expert": 4}))
+    assert sharded.module.layers[0].moe.up[...].sharding.spec == P("expert", "fsdp", None)
+    prompt, canvas = _inputs()
+    np.testing.assert_allclose(
+        np.asarray(sharded.canvas_logits(prompt, canvas)), np.asarray(single.canvas_logits(prompt, canvas)), rtol=0, atol=1e-5
+    )
+
+
 def test_created_on_mesh_matches_single_device(hf):
     config = dgemma_jax.from_pretrained(hf[1], dtype="float32").config
     mesh = make_mesh({"fsdp": 2, "expert": 4})
