@@ -65,13 +65,25 @@ class Model:
             sc_logits, sc_mask = jnp.asarray(self_conditioning_logits, jnp.float32), jnp.ones(canvas.shape[:1], bool)
         self._check_vocab(prompt, "prompt_ids")
         self._check_vocab(canvas, "canvas_ids")
-        return _canvas_logits(self.graphdef, self.state, prompt, canvas, sc_logits, sc_mask)
+        padded, num_valid = self._pad_prompt(prompt)
+        return _canvas_logits(self.graphdef, self.state, padded, num_valid, canvas, sc_logits, sc_mask)
 
     def encoder_logits(self, prompt_ids) -> jax.Array:
         """Autoregressive (encoder pass) logits [B, T, V], float32: position t predicts token t+1."""
         prompt = _as_tokens(prompt_ids, "prompt_ids")
         self._check_vocab(prompt, "prompt_ids")
-        return _encoder_logits(self.graphdef, self.state, prompt)
+        padded, num_valid = self._pad_prompt(prompt)
+        return _encoder_logits(self.graphdef, self.state, padded, num_valid)[:, : prompt.shape[1]]
+
+    def _pad_prompt(self, prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Right-pads the prompt to a length bucket so that nearby lengths share one compiled pass;
+        the padding is written to the cache but never counted or attended to."""
+        b, t = prompt.shape
+        if t < 1:
+            raise ValueError("prompt_ids: needs at least one token")
+        padded = np.full((b, prompt_bucket(t)), self.config.pad_token_id, np.int32)
+        padded[:, :t] = prompt
+        return padded, np.full((b,), t, np.int32)
 
     def _check_vocab(self, tokens: np.ndarray, name: str) -> None:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
@@ -123,19 +135,26 @@ def _as_tokens(x, name: str) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _canvas_logits(graphdef, state, prompt, canvas, sc_logits, sc_mask):
+def _canvas_logits(graphdef, state, prompt, num_valid, canvas, sc_logits, sc_mask):
     model = nnx.merge(graphdef, state)
     cache = KVCache.create(model.config, prompt.shape[0], prompt.shape[1], model.dtype)
-    _, cache = model.encode(prompt, cache)
+    _, cache = model.encode(prompt, cache, num_valid)
     return model.denoise(canvas, cache, sc_logits, sc_mask)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encoder_logits(graphdef, state, prompt):
+def _encoder_logits(graphdef, state, prompt, num_valid):
     model = nnx.merge(graphdef, state)
     cache = KVCache.create(model.config, prompt.shape[0], prompt.shape[1], model.dtype)
-    hidden, _ = model.encode(prompt, cache)
+    hidden, _ = model.encode(prompt, cache, num_valid)
     return model.logits(hidden)
+
+
+def prompt_bucket(length: int) -> int:
+    """Padded prompt length: powers of two from 16 up to 1024, then multiples of 1024."""
+    if length > 1024:
+        return -(-length // 1024) * 1024
+    return max(16, 1 << (length - 1).bit_length())
 
 
 def from_config(config: ModelConfig, seed: int = 0, dtype=DEFAULT_DTYPE, mesh: Mesh | None = None, rules=RULES) -> Model:
