@@ -65,7 +65,7 @@ class ModelConfig:
     bos_token_id: int = 2
     eos_token_ids: tuple[int, ...] = (1, 106, 50)
     # Back ends (not part of the checkpoint): how MoE and attention are computed.
-    moe_impl: str = "ragged"
+    moe_impl: str = "auto"
     attention_impl: str = "xla"
 
     def __post_init__(self):
@@ -83,8 +83,8 @@ class ModelConfig:
                 raise ConfigError(f"num_heads={self.num_heads} is not a multiple of {name}={heads}")
         if self.hidden_activation not in _SUPPORTED_ACTIVATIONS:
             raise ConfigError(f"hidden_activation={self.hidden_activation!r} is not supported")
-        if self.moe_impl not in ("ragged", "dense"):
-            raise ConfigError(f"moe_impl={self.moe_impl!r}: expected 'ragged' or 'dense'")
+        if self.moe_impl not in ("auto", "ragged", "tiled", "dense"):
+            raise ConfigError(f"moe_impl={self.moe_impl!r}: expected 'auto', 'ragged', 'tiled' or 'dense'")
         if self.attention_impl not in ("xla",):
             raise ConfigError(f"attention_impl={self.attention_impl!r}: expected 'xla'")
         rope = dict(self.rope)

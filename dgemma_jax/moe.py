@@ -1,8 +1,12 @@
 """Mixture of experts: the exact router and the expert computation behind one interface.
 
-Back ends (``config.moe_impl``):
-  ``ragged``: tokens sorted by expert, two grouped matmuls (``jax.lax.ragged_dot``); only the
-              chosen experts are computed.
+Back ends (``config.moe_impl``); the first two compute only the chosen experts:
+  ``ragged``: tokens sorted by expert, grouped matmuls with ``jax.lax.ragged_dot`` (native on GPU and
+              TPU; XLA:CPU lowers it to a masked dense product over all experts).
+  ``tiled``:  tokens sorted by expert into tiles of one expert each; a loop over experts runs small
+              matmuls over that expert's filled tiles only. The CPU back end (inference: its loops
+              have data-dependent trip counts, so it has no reverse-mode gradient).
+  ``auto``:   ``tiled`` on CPU, ``ragged`` elsewhere.
   ``dense``:  every token through every expert, weighted by the (mostly zero) gate matrix. A test
               reference only.
 """
@@ -15,6 +19,10 @@ from flax import nnx
 
 from dgemma_jax.config import ModelConfig
 from dgemma_jax.layers import param, rms_norm
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def gelu_tanh(x):
@@ -48,11 +56,40 @@ class MoE(nnx.Module):
     def __call__(self, x_route: jax.Array, x_expert: jax.Array) -> jax.Array:
         """x_route [N, H] picks the experts, x_expert [N, H] goes through them -> [N, H]."""
         weights, ids = self.route(x_route)
-        if self.config.moe_impl == "dense":
-            out = self._dense(x_expert, weights, ids)
-        else:
-            out = self._ragged(x_expert, weights, ids)
+        impl = self.config.moe_impl
+        if impl == "auto":
+            impl = "tiled" if jax.default_backend() == "cpu" else "ragged"
+        out = {"dense": self._dense, "tiled": self._tiled, "ragged": self._ragged}[impl](x_expert, weights, ids)
         return out.astype(x_expert.dtype)
+
+    def _tiled(self, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
+        n, k = ids.shape
+        e = self.config.num_experts
+        tile = int(min(128, max(8, _next_pow2(n * k // e))))
+        flat_ids = ids.reshape(-1)  # [N*K]
+        order = jnp.argsort(flat_ids, stable=True)
+        sorted_ids = flat_ids[order]
+        sizes = jnp.bincount(flat_ids, length=e)  # [E]
+        tiles = -(-sizes // tile)  # [E] tiles per expert; each group padded to whole tiles
+        first_tile = jnp.cumsum(tiles) - tiles
+        rank = jnp.arange(n * k) - (jnp.cumsum(sizes) - sizes)[sorted_ids]
+        dest = first_tile[sorted_ids] * tile + rank  # [N*K] row of each assignment in the tiled layout
+        max_rows = -(-(n * k + e * (tile - 1)) // tile) * tile
+        xs = jnp.zeros((max_rows, x.shape[1]), x.dtype).at[dest].set(x[order // k])
+
+        def per_expert(i, ys):
+            gate, up, down = self.gate[i], self.up[i], self.down[i]  # sliced once per expert
+
+            def per_tile(t, ys):
+                rows = jax.lax.dynamic_slice_in_dim(xs, t * tile, tile)
+                y = (gelu_tanh(rows @ gate) * (rows @ up)) @ down
+                return jax.lax.dynamic_update_slice_in_dim(ys, y, t * tile, axis=0)
+
+            return jax.lax.fori_loop(first_tile[i], first_tile[i] + tiles[i], per_tile, ys)
+
+        ys = jax.lax.fori_loop(0, e, per_expert, jnp.zeros_like(xs))
+        y = ys[dest].astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+        return jnp.zeros((n, x.shape[1]), jnp.float32).at[order // k].add(y)
 
     def _ragged(self, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
         n, k = ids.shape

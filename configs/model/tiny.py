@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
             pad_token_id=0,
             bos_token_id=2,
             eos_token_ids=[1, 106, 50],
-            moe_impl="ragged",
+            moe_impl="auto",
             attention_impl="xla",
         )
     )
