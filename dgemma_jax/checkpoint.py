@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from dgemma_jax.config import SLIDING, ModelConfig
@@ -162,29 +162,72 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_ALIGN = 64  # XLA:CPU adopts host buffers aligned like this without copying them
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    offset = -raw.ctypes.data % _ALIGN
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+def read_header(f: Path) -> tuple[dict, int]:
+    """The safetensors header of ``f`` (tensor entries only) and where the data section starts."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"header length {n} does not fit in a {size}-byte file")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: cannot read safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for key, entry in header.items():
+        begin, end = entry.get("data_offsets", (0, -1))
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{f}: tensor {key}: unsupported dtype {entry.get('dtype')!r}")
+        expected = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(dtype).itemsize
+        if end - begin != expected or data_start + end > size:
+            raise CheckpointError(f"{f}: tensor {key}: data offsets {begin}..{end} do not fit the file (truncated?)")
+    return header, data_start
+
+
 def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, Callable[[], np.ndarray], tuple[int, ...]]]:
-    """(file, key, load(), shape) for every tensor; ``load`` reads just that tensor."""
+    """(file, key, load(), shape) for every tensor; ``load`` reads just that tensor from disk into a
+    fresh aligned buffer (no memory map, so no shard stays resident)."""
     for f in files:
-        try:
-            handle = safe_open(str(f), framework="np")
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{f}: cannot read safetensors header ({e})") from e
-        with handle:
-            for key in handle.keys():
-                shape = tuple(handle.get_slice(key).get_shape())
+        header, data_start = read_header(f)
+        with open(f, "rb") as fh:
+            for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
 
-                def load(key=key):
-                    try:
-                        return handle.get_tensor(key)
-                    except (SafetensorError, OSError) as e:
-                        raise CheckpointError(f"{f}: tensor {key}: cannot read data ({e})") from e
+                def load(entry=entry, key=key):
+                    out = aligned_empty(entry["shape"], _SAFETENSORS_DTYPES[entry["dtype"]])
+                    fh.seek(data_start + entry["data_offsets"][0])
+                    if fh.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+                        raise CheckpointError(f"{f}: tensor {key}: file ended before its data")
+                    return out
 
-                yield f, key, load, shape
+                yield f, key, load, tuple(entry["shape"])
 
 
 def _cast(x: np.ndarray, dtype) -> np.ndarray:
+    """``x`` as a contiguous, aligned array of ``dtype`` (one copy at most)."""
     dtype = np.dtype(dtype)
-    return np.ascontiguousarray(x.astype(dtype, copy=False))
+    if x.dtype == dtype and x.flags.c_contiguous and x.ctypes.data % _ALIGN == 0:
+        return x
+    out = aligned_empty(x.shape, dtype)
+    np.copyto(out, x, casting="unsafe")
+    return out
 
 
 def load_params(path: Path, config: ModelConfig, abstract: nnx.Module, dtype, sharding_of=None, progress=None):
@@ -220,8 +263,8 @@ def load_params(path: Path, config: ModelConfig, abstract: nnx.Module, dtype, sh
         seen[name] = (key, digest)
         for target, value in zip(spec.targets, spec.to_ours(raw), strict=True):
             var = variables[target]
-            value = _cast(value, dtype)
-            var.set_value(jax.device_put(value, sharding_of(var) if sharding_of else None))
+            var.set_value(jax.device_put(_cast(value, dtype), sharding_of(var) if sharding_of else None))
+        del raw, value
         if progress:
             progress(1)
     if unknown:
@@ -328,13 +371,10 @@ def swap_in(tmp: Path, out_dir: Path) -> None:
 
 def passthrough_tensors(items: list[tuple[Path, str]]) -> Iterator[tuple[str, np.ndarray]]:
     """Re-reads tensors we do not use (vision tower) so that they survive a save."""
-    by_file: dict[Path, list[str]] = {}
-    for f, key in items:
-        by_file.setdefault(f, []).append(key)
-    for f, keys in by_file.items():
-        with safe_open(str(f), framework="np") as h:
-            for key in keys:
-                yield key, h.get_tensor(key)
+    wanted = set(items)
+    for f, key, load, _ in iter_tensors(sorted({f for f, _ in items})):
+        if (f, key) in wanted:
+            yield key, load()
 
 
 def parse_size(text: str | int) -> int:
