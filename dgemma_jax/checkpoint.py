@@ -275,7 +275,7 @@ def load_params(path: Path, config: ModelConfig, abstract: nnx.Module, dtype, sh
             f"{path}: missing tensors ({len(missing)}): " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         )
     if passthrough:
-        log.info("%s: skipping %d vision-tower tensors (images are not supported yet)", path, len(passthrough))
+        log.warning("%s: not loading %d vision-tower tensors (image input is not supported yet; save_pretrained keeps them)", path, len(passthrough))
     return passthrough
 
 

@@ -184,3 +184,10 @@ def test_save_refuses_to_replace_a_foreign_directory(hf, tmp_path):
     with pytest.raises(FileExistsError, match="notes"):
         ours.save_pretrained(tmp_path / "notes")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_vision_tower_skipped_with_one_log_line(hf, caplog):
+    with caplog.at_level("INFO", logger="dgemma_jax"):
+        dgemma_jax.from_pretrained(hf[1], dtype="float32")
+    lines = [r.getMessage() for r in caplog.records if "vision-tower" in r.getMessage()]
+    assert len(lines) == 1 and str(hf[1]) in lines[0], lines
