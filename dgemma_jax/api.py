@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ DEFAULT_DTYPE = jnp.bfloat16
 class Model:
     """A loaded DiffusionGemma: the NNX module plus what came with its checkpoint.
 
-    The forward passes are jitted once per (batch, prompt length, canvas length) shape.
+    The forward passes are jitted once per (batch, prompt-length bucket, canvas length) shape.
+    ``graphdef``/``state`` are the module split once for those jitted calls.
     """
 
     def __init__(self, module: DiffusionGemma, hf_config: dict[str, Any] | None = None,
@@ -95,34 +97,26 @@ class Model:
         """Writes an HF snapshot (config.json, safetensors [+ index], generation/tokenizer files)
         that transformers' ``from_pretrained`` loads. The write is atomic."""
         out_dir = Path(out_dir)
-        module = nnx.merge(self.graphdef, self.state)
-        tensors = checkpoint.iter_hf_tensors(module, self.config)
+        tensors = checkpoint.iter_hf_tensors(self.module, self.config)
         passthrough = checkpoint.passthrough_tensors(self._passthrough)
         config_json = self.config.to_hf_dict(self.hf_config)
         config_json["dtype"] = str(np.dtype(self.dtype))
         count = len(checkpoint.tensor_specs(self.config)) + len(self._passthrough)
         with tqdm(total=count, desc=f"saving {out_dir.name}", unit="tensor", disable=not progress) as bar:
             checkpoint.write_checkpoint(
-                out_dir, _chain(tensors, passthrough), config_json, self._side_files(),
+                out_dir, itertools.chain(tensors, passthrough), config_json, self._side_files(),
                 checkpoint.parse_size(max_shard_size), progress=bar.update,
             )
         return out_dir
 
-
     def save_orbax(self, out_dir) -> Path:
         """Writes our native format: config.json + an orbax checkpoint of the parameters (restores
         shard by shard onto a mesh). ``from_pretrained`` reads it back."""
-        module = nnx.merge(self.graphdef, self.state)
-        return native.save(module, Path(out_dir), self.config.to_hf_dict(self.hf_config), self._side_files())
+        return native.save(self.module, Path(out_dir), self.config.to_hf_dict(self.hf_config), self._side_files())
 
     def _side_files(self) -> list[Path]:
         src = self.source_dir
         return [src / f for f in checkpoint.SIDE_FILES if src and (src / f).is_file()]
-
-
-def _chain(*iterators):
-    for it in iterators:
-        yield from it
 
 
 def _as_tokens(x, name: str) -> np.ndarray:

@@ -191,3 +191,18 @@ def test_vision_tower_skipped_with_one_log_line(hf, caplog):
         dgemma_jax.from_pretrained(hf[1], dtype="float32")
     lines = [r.getMessage() for r in caplog.records if "vision-tower" in r.getMessage()]
     assert len(lines) == 1 and str(hf[1]) in lines[0], lines
+
+
+def test_canvas_logits_input_errors(hf):
+    ours = dgemma_jax.from_pretrained(hf[1], dtype="float32")
+    prompt, canvas = _inputs()
+    with pytest.raises(ValueError, match=r"canvas_ids: expected shape \[batch, length\]"):
+        ours.canvas_logits(prompt, canvas[0])
+    with pytest.raises(ValueError, match="batch 2 but canvas_ids has batch 1"):
+        ours.canvas_logits(prompt, canvas[:1])
+    with pytest.raises(ValueError, match=r"prompt_ids: token ids must be in \[0, 128\)"):
+        ours.canvas_logits(prompt + 1000, canvas)
+    with pytest.raises(ValueError, match=r"self_conditioning_logits: expected shape \(2, 8, 128\)"):
+        ours.canvas_logits(prompt, canvas, np.zeros((2, 8, 7), np.float32))
+    with pytest.raises(ValueError, match="integer token ids"):
+        ours.canvas_logits(prompt.astype(np.float32), canvas)
