@@ -203,21 +203,21 @@ def read_header(f: Path) -> tuple[dict, int]:
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, Callable[[], np.ndarray], tuple[int, ...]]]:
-    """(file, key, load(), shape) for every tensor; ``load`` reads just that tensor from disk into a
-    fresh aligned buffer (no memory map, so no shard stays resident)."""
+    """(file, key, load(), shape) for every tensor, from the headers alone; ``load`` reads just that
+    tensor from disk into a fresh aligned buffer (no memory map, so no shard stays resident)."""
     for f in files:
         header, data_start = read_header(f)
-        with open(f, "rb") as fh:
-            for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
 
-                def load(entry=entry, key=key):
-                    out = aligned_empty(entry["shape"], _SAFETENSORS_DTYPES[entry["dtype"]])
+            def load(f=f, key=key, entry=entry, data_start=data_start):
+                out = aligned_empty(entry["shape"], _SAFETENSORS_DTYPES[entry["dtype"]])
+                with open(f, "rb") as fh:
                     fh.seek(data_start + entry["data_offsets"][0])
                     if fh.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
                         raise CheckpointError(f"{f}: tensor {key}: file ended before its data")
-                    return out
+                return out
 
-                yield f, key, load, tuple(entry["shape"])
+            yield f, key, load, tuple(entry["shape"])
 
 
 def _cast(x: np.ndarray, dtype) -> np.ndarray:
@@ -238,44 +238,43 @@ def load_params(path: Path, config: ModelConfig, abstract: nnx.Module, dtype, sh
     """
     specs = {s.name: s for s in tensor_specs(config)}
     variables = {p: v for p, v in nnx.iter_graph(abstract) if isinstance(v, nnx.Variable)}
-    seen: dict[str, tuple[str, str]] = {}  # name -> (first key, digest)
-    passthrough = []
-    unknown = []
-    files = checkpoint_files(path)
-    for f, key, load, shape in iter_tensors(files):
+    # Check every name and shape from the headers before reading any data.
+    passthrough, unknown, todo = [], [], []
+    for f, key, load, shape in iter_tensors(checkpoint_files(path)):
+        name = canonical_name(key)
         if _PASSTHROUGH.match(key):
             passthrough.append((f, key))
-            continue
-        name = canonical_name(key)
-        spec = specs.get(name) if name else None
-        if spec is None:
+        elif name not in specs:
             unknown.append(f"{f.name}: {key}")
-            continue
-        if shape != spec.hf_shape:
-            raise CheckpointError(f"{f}: tensor {key}: expected shape {spec.hf_shape}, found {shape}")
+        elif shape != specs[name].hf_shape:
+            raise CheckpointError(f"{f}: tensor {key}: expected shape {specs[name].hf_shape}, found {shape}")
+        else:
+            todo.append((f, key, name, load))
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected tensors: " + ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
+    missing = [DECODER + n for n in specs.keys() - {name for _, _, name, _ in todo}]
+    if missing:
+        raise CheckpointError(
+            f"{path}: missing tensors ({len(missing)}): " + ", ".join(sorted(missing)[:5]) + (" ..." if len(missing) > 5 else "")
+        )
+    seen: dict[str, tuple[str, str]] = {}  # name -> (first key, digest); tied copies must agree
+    for f, key, name, load in todo:
         raw = load()
-        digest = hashlib.sha1(np.ascontiguousarray(raw).view(np.uint8)).hexdigest()
+        digest = hashlib.sha1(raw.reshape(-1).view(np.uint8)).hexdigest()
         if name in seen:
-            first_key, first_digest = seen[name]
-            if digest != first_digest:
-                raise CheckpointError(f"{f}: tensor {key} differs from its tied copy {first_key}")
+            if digest != seen[name][1]:
+                raise CheckpointError(f"{f}: tensor {key} differs from its tied copy {seen[name][0]}")
             continue
         seen[name] = (key, digest)
-        for target, value in zip(spec.targets, spec.to_ours(raw), strict=True):
+        for target, value in zip(specs[name].targets, specs[name].to_ours(raw), strict=True):
             var = variables[target]
             var.set_value(jax.device_put(_cast(value, dtype), sharding_of(var) if sharding_of else None))
         del raw, value
         if progress:
             progress(1)
-    if unknown:
-        raise CheckpointError(f"{path}: unexpected tensors: " + ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
-    missing = [DECODER + n for n in specs if n not in seen]
-    if missing:
-        raise CheckpointError(
-            f"{path}: missing tensors ({len(missing)}): " + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        )
     if passthrough:
-        log.warning("%s: not loading %d vision-tower tensors (image input is not supported yet; save_pretrained keeps them)", path, len(passthrough))
+        log.warning("%s: not loading %d vision-tower tensors (image input is not supported yet; "
+                    "save_pretrained keeps them)", path, len(passthrough))
     return passthrough
 
 
