@@ -6,7 +6,9 @@ Run (from the repository root):
     PYTHONPATH=. .venv/bin/python bench/load_memory.py --dtype bfloat16  # bf16 checkpoint, bf16 load
 
 The claim under test (dgemma_jax/checkpoint.py): loading streams one tensor at a time, so peak host
-memory stays near one copy of the weights.
+memory stays near one copy of the weights. The library reads each tensor with ``readinto`` straight
+into a 64-byte aligned buffer (no memory map), makes at most one more aligned copy where the layout or
+dtype changes, and hands that buffer to ``jax.device_put``, which XLA:CPU adopts without copying.
 
 How it measures. This process only orchestrates and never imports jax, so that no child inherits a large
 high-water mark from it:
@@ -16,13 +18,12 @@ high-water mark from it:
      (the baseline), calls ``dgemma_jax.from_pretrained(dir, dtype=...)`` and reports
      ``getrusage(RUSAGE_SELF).ru_maxrss`` (the peak). A sampling thread reads /proc/self/status every
      few milliseconds to split the peak into anonymous memory (numpy / XLA buffers) and file-backed
-     memory (the mmapped safetensors pages, which count as RSS while a shard is open).
+     memory (mapped files: shared libraries, and any mmapped safetensors pages, which would count as
+     RSS while a shard is open; the library's loader maps none, so this should stay near the baseline).
 
 On the CPU backend the loaded parameters themselves live in host memory, so the floor is
 ``(peak - baseline) / checkpoint bytes`` = 1.0; everything above it is transient copies or mapped pages.
-With ``--variants`` the same checkpoint is also loaded (each in its own fresh process) by three
-reference loaders written here (not the library's) to show what the copies cost; see ``lean_load``.
-The defaults write ~1.08 GB: float32 with 7 layers, or bfloat16 with 14 layers.
+The defaults write ~1.08 GB in float32 (7 layers) or ~1.02 GB in bfloat16 (14 layers).
 """
 
 from __future__ import annotations
@@ -47,9 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", default="200MB", help="save_pretrained max_shard_size")
     p.add_argument("--dir", default=None, help="checkpoint directory (default: a temporary one, deleted)")
     p.add_argument("--reuse", action="store_true", help="reuse an existing checkpoint in --dir")
-    p.add_argument("--variants", action="store_true",
-                   help="also measure two reference loaders (separate fresh processes)")
-    # model shape: about 1.08 GB with these defaults (7 layers in float32, 14 in bfloat16)
+    # model shape: about 1.08 GB (7 layers, float32) or 1.02 GB (14 layers, bfloat16) with these defaults
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--layers", type=int, default=None, help="default: 7 (float32) or 14 (bfloat16)")
     p.add_argument("--heads", type=int, default=8)
@@ -65,7 +64,6 @@ def parse_args(argv=None):
     # internal: child roles
     p.add_argument("--_write", dest="write_dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_load", dest="load_dir", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--_loader", dest="loader", default="library", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.layers is None:
         args.layers = 7 if args.dtype == "float32" else 14
@@ -148,115 +146,6 @@ def child_write(args) -> None:
 # ---- child: load -----------------------------------------------------------------------------------
 
 
-def aligned_empty(shape, dtype, align: int = 64):
-    """np.empty whose data pointer is ``align``-byte aligned: XLA's CPU client then adopts the buffer
-    in ``jax.device_put`` instead of copying it (numpy's own large buffers are only 16-byte aligned)."""
-    import numpy as np
-
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + align, np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off:off + nbytes].view(dtype).reshape(shape)
-
-
-def lean_load(path: Path, dtype, mode: str):
-    """Reference loaders, for comparison only (the library's loader is dgemma_jax.checkpoint.load_params).
-
-    They skip the library's checks (tied-copy digests, shapes) to isolate the cost of copies:
-      ``no-keep``: the library's numpy calls (safetensors ``get_tensor``, ``to_ours``, ``astype`` +
-                   ``ascontiguousarray``, ``device_put``), but every temporary is dropped before the next
-                   tensor is read, and each shard is closed before the next is opened.
-      ``mmap``:    each tensor is a zero-copy view of the mmapped shard; the layout change and the dtype
-                   cast happen in ONE copy (``np.copyto``) into a 64-byte aligned buffer that
-                   ``device_put`` adopts without copying. The shard's touched pages still count as RSS.
-      ``pread``:   each tensor is read with ``readinto`` straight into a 64-byte aligned buffer (no mmap, so
-                   no file-backed RSS); tensors whose layout or dtype changes get one more aligned copy;
-                   ``device_put`` adopts the final buffer.
-    """
-    import gc
-    import struct
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-    from safetensors import safe_open
-
-    from dgemma_jax import checkpoint
-    from dgemma_jax.api import Model
-    from dgemma_jax.config import load_hf_config
-    from dgemma_jax.model import DiffusionGemma
-
-    config, raw_cfg = load_hf_config(path)
-    dtype = jnp.dtype(dtype)
-    abstract = nnx.eval_shape(lambda: DiffusionGemma(config, rngs=nnx.Rngs(0), dtype=dtype))
-    specs = {s.name: s for s in checkpoint.tensor_specs(config)}
-    variables = {p: v for p, v in nnx.iter_graph(abstract) if isinstance(v, nnx.Variable)}
-    done = set()
-    np_dtypes = {"F32": np.dtype(np.float32), "BF16": np.dtype(jnp.bfloat16), "F16": np.dtype(np.float16)}
-    for f in checkpoint.checkpoint_files(path):
-        fh = None
-        if mode in ("mmap", "pread"):
-            fh = open(f, "rb", buffering=0)
-            n = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(n))
-            header.pop("__metadata__", None)
-            base = 8 + n
-            if mode == "mmap":
-                mm = np.memmap(f, dtype=np.uint8, mode="r")
-
-                def load(info):
-                    a, b = info["data_offsets"]
-                    return mm[base + a: base + b].view(np_dtypes[info["dtype"]]).reshape(info["shape"])
-            else:
-                def load(info):
-                    a, b = info["data_offsets"]
-                    out = aligned_empty(info["shape"], np_dtypes[info["dtype"]])
-                    fh.seek(base + a)
-                    view = memoryview(out.reshape(-1).view(np.uint8))
-                    got = 0
-                    while got < b - a:
-                        got += fh.readinto(view[got:])
-                    return out
-            items = [(key, lambda info=info: load(info)) for key, info in header.items()]
-        else:
-            handle = safe_open(str(f), framework="np")
-            items = [(key, lambda key=key: handle.get_tensor(key)) for key in handle.keys()]
-        for key, load_one in items:
-            name = checkpoint.canonical_name(key)
-            if name is None or name in done:
-                continue
-            done.add(name)
-            spec = specs[name]
-            raw = load_one()
-            for target, view in zip(spec.targets, spec.to_ours(raw), strict=True):
-                if mode == "no-keep":
-                    out = np.ascontiguousarray(np.asarray(view).astype(dtype, copy=False))
-                elif mode == "pread" and view is raw and raw.dtype == dtype:
-                    out = raw  # already in place, aligned
-                else:
-                    out = aligned_empty(view.shape, dtype)
-                    np.copyto(out, view, casting="unsafe")  # layout + dtype in one copy
-                variables[target].set_value(jax.device_put(out))
-                del out, view
-            del raw
-        if fh is not None:
-            fh.close()
-        if mode == "mmap":
-            del mm
-        if mode in ("mmap", "pread"):
-            load = None  # noqa: F841 (its closure holds the mapping / file)
-        elif mode == "no-keep":
-            del handle
-        del items
-        gc.collect()
-    missing = [n for n in specs if n not in done]
-    if missing:
-        raise RuntimeError(f"lean_load: missing {missing[:3]}")
-    return Model(abstract, hf_config=raw_cfg, source_dir=path)
-
-
 def child_load(args) -> None:
     start_maxrss = maxrss_bytes()
     import jax
@@ -272,27 +161,22 @@ def child_load(args) -> None:
     dtype = args.load_dtype or args.dtype
     t0 = time.perf_counter()
     with Sampler() as sampler:
-        if args.loader == "library":
-            model = dgemma_jax.from_pretrained(args.load_dir, dtype=dtype)
-        else:
-            model = lean_load(Path(args.load_dir), dtype, args.loader)
+        model = dgemma_jax.from_pretrained(args.load_dir, dtype=dtype)
         leaves = jax.tree_util.tree_leaves(model.state)
         jax.block_until_ready(leaves)
     seconds = time.perf_counter() - t0
     after = status_kb()
     param_bytes = sum(x.nbytes for x in leaves)
     peak = maxrss_bytes()
-    # after the peak is read: a fingerprint of the loaded values, to check that the loaders agree
-    checksum = float(sum(float(jax.numpy.sum(jax.numpy.abs(x.astype("float32")))) for x in leaves))
     print("RESULT " + json.dumps(dict(
-        loader=args.loader, start_maxrss=start_maxrss, base_rss=base["VmRSS"] * 1024,
+        start_maxrss=start_maxrss, base_rss=base["VmRSS"] * 1024,
         base_anon=base["RssAnon"] * 1024, base_file=base["RssFile"] * 1024, base_maxrss=base_maxrss,
         peak=peak, sampled_peak=sampler.at_peak.get("VmRSS", 0) * 1024,
         sampled_anon_at_peak=sampler.at_peak.get("RssAnon", 0) * 1024,
         sampled_file_at_peak=sampler.at_peak.get("RssFile", 0) * 1024,
         sampled_max_anon=sampler.peak["RssAnon"] * 1024, sampled_max_file=sampler.peak["RssFile"] * 1024,
         after_rss=after["VmRSS"] * 1024, after_anon=after["RssAnon"] * 1024, param_bytes=param_bytes,
-        seconds=seconds, dtype=str(dtype), jax=jax.__version__, checksum=checksum,
+        seconds=seconds, dtype=str(dtype), jax=jax.__version__,
     )), flush=True)
 
 
@@ -345,7 +229,7 @@ def main(argv=None) -> int:
         child_load(args)
         return 0
 
-    common = [a for a in raw_argv if a not in ("--variants", "--reuse")]
+    common = [a for a in raw_argv if a != "--reuse"]
     tmp = None
     if args.dir:
         ckpt = Path(args.dir)
@@ -362,41 +246,33 @@ def main(argv=None) -> int:
         print(f"checkpoint: {total} bytes ({total / 1e9:.3f} GB) in {shards} shards (index json: {index}); "
               f"tensor bytes {tensor_bytes}; largest tensor {mib(largest).strip()}; "
               f"dtype {args.dtype}, load dtype {args.load_dtype or args.dtype}")
-        loaders = ["library"] + (["no-keep", "mmap", "pread"] if args.variants else [])
-        results = []
-        for loader in loaders:
-            out = run_child(["--_load", str(ckpt), "--_loader", loader], common)
-            line = next(l for l in out.splitlines() if l.startswith("RESULT "))
-            results.append(json.loads(line[len("RESULT "):]))
-        r0 = results[0]
+        out = run_child(["--_load", str(ckpt)], common)
+        line = next(l for l in out.splitlines() if l.startswith("RESULT "))
+        r = json.loads(line[len("RESULT "):])
         print(f"machine: {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB RAM; "
-              f"python {sys.version.split()[0]}, jax {r0['jax']}")
-        print(f"loaded parameter bytes (sum of leaves): {r0['param_bytes']} "
-              f"({r0['param_bytes'] / tensor_bytes:.3f} x checkpoint tensor bytes)")
-        if len(results) > 1:
-            same = all(r["checksum"] == r0["checksum"] for r in results)
-            print(f"all loaders give the same parameters (sum |w| = {r0['checksum']:.6e}): {same}")
+              f"python {sys.version.split()[0]}, jax {r['jax']}")
+        print(f"loaded parameter bytes (sum of leaves): {r['param_bytes']} "
+              f"({r['param_bytes'] / tensor_bytes:.3f} x checkpoint tensor bytes)")
         print()
-        for r in results:
-            grow = r["peak"] - r["base_rss"]
-            print(f"[loader: {r['loader']}{' (dgemma_jax.from_pretrained)' if r['loader'] == 'library' else ' (reference, bench only)'}]  {r['seconds']:.2f}s")
-            print(f"  checkpoint bytes                {mib(total)}")
-            print(f"  baseline RSS (after import jax, dgemma_jax, backend init) {mib(r['base_rss']).strip()} "
-                  f"(anon {mib(r['base_anon']).strip()}, file {mib(r['base_file']).strip()}; "
-                  f"ru_maxrss at process start {mib(r['start_maxrss']).strip()})")
-            print(f"  peak RSS (ru_maxrss)            {mib(r['peak'])}")
-            print(f"  peak RSS sampled (2 ms)         {mib(r['sampled_peak'])}  = anon {mib(r['sampled_anon_at_peak']).strip()}"
-                  f" + file-backed {mib(r['sampled_file_at_peak']).strip()}  (max file-backed seen {mib(r['sampled_max_file']).strip()})")
-            print(f"  RSS after load                  {mib(r['after_rss'])}  (anon {mib(r['after_anon']).strip()})")
-            print(f"  (peak - baseline) / ckpt bytes  {grow / total:8.3f}")
-            print(f"  (after - baseline) / ckpt bytes {(r['after_rss'] - r['base_rss']) / total:8.3f}")
-            if r["param_bytes"] != tensor_bytes:  # a cast on load: compare with the loaded size too
-                print(f"  (peak - baseline) / loaded bytes {grow / r['param_bytes']:7.3f}")
-            anon_extra = r["sampled_anon_at_peak"] - r["after_anon"]
-            file_extra = r["sampled_file_at_peak"] - r["base_file"]
-            print(f"  peak above the loaded weights   {mib(r['peak'] - r['after_rss'])}  = "
-                  f"{(r['peak'] - r['after_rss']) / largest:.2f} x the largest tensor; at the sampled peak: "
-                  f"anon temporaries {mib(anon_extra).strip()} + mmapped shard pages {mib(file_extra).strip()}")
+        grow = r["peak"] - r["base_rss"]
+        print(f"[dgemma_jax.from_pretrained]  {r['seconds']:.2f}s")
+        print(f"  checkpoint bytes                {mib(total)}")
+        print(f"  baseline RSS (after import jax, dgemma_jax, backend init) {mib(r['base_rss']).strip()} "
+              f"(anon {mib(r['base_anon']).strip()}, file {mib(r['base_file']).strip()}; "
+              f"ru_maxrss at process start {mib(r['start_maxrss']).strip()})")
+        print(f"  peak RSS (ru_maxrss)            {mib(r['peak'])}")
+        print(f"  peak RSS sampled (2 ms)         {mib(r['sampled_peak'])}  = anon {mib(r['sampled_anon_at_peak']).strip()}"
+              f" + file-backed {mib(r['sampled_file_at_peak']).strip()}  (max file-backed seen {mib(r['sampled_max_file']).strip()})")
+        print(f"  RSS after load                  {mib(r['after_rss'])}  (anon {mib(r['after_anon']).strip()})")
+        print(f"  (peak - baseline) / ckpt bytes  {grow / total:8.3f}")
+        print(f"  (after - baseline) / ckpt bytes {(r['after_rss'] - r['base_rss']) / total:8.3f}")
+        if (args.load_dtype or args.dtype) != args.dtype:  # a cast on load: compare with the loaded size too
+            print(f"  (peak - baseline) / loaded bytes {grow / r['param_bytes']:7.3f}")
+        anon_extra = r["sampled_anon_at_peak"] - r["after_anon"]
+        file_extra = r["sampled_file_at_peak"] - r["base_file"]
+        print(f"  peak above the loaded weights   {mib(r['peak'] - r['after_rss'])}  = "
+              f"{(r['peak'] - r['after_rss']) / largest:.2f} x the largest tensor; at the sampled peak: "
+              f"anon temporaries {mib(anon_extra).strip()} + file-backed pages {mib(file_extra).strip()}")
     finally:
         if tmp is not None:
             tmp.cleanup()
