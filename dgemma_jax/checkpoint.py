@@ -8,6 +8,7 @@ tensors are not used; they are carried through to ``save`` unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -299,35 +300,29 @@ def iter_hf_tensors(module: nnx.Module, config: ModelConfig) -> Iterator[tuple[s
 def write_checkpoint(out_dir: Path, tensors: Iterator[tuple[str, np.ndarray]], config_json: dict,
                      side_files: list[Path] = (), max_shard_bytes: int = 5 * 2**30, progress=None) -> None:
     """Writes config.json, safetensors shards (+ index when more than one) atomically into ``out_dir``."""
-    out_dir = Path(out_dir)
-    tmp = prepare_output(out_dir)
-    try:
-        shards: list[dict[str, np.ndarray]] = [{}]
-        size = 0
+    with atomic_output(Path(out_dir), config_json, side_files) as tmp:
         shard_files: list[str] = []
         weight_map: dict[str, str] = {}
         total = 0
 
-        def flush():
-            n = len(shard_files) + 1
-            name = f"model-{n:05d}.safetensors"
-            save_file(shards[-1], str(tmp / name), metadata={"format": "pt"})
+        def write(shard: dict[str, np.ndarray]) -> None:
+            name = f"model-{len(shard_files) + 1:05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
             shard_files.append(name)
-            for k in shards[-1]:
-                weight_map[k] = name
+            weight_map.update(dict.fromkeys(shard, name))
 
+        shard, size = {}, 0
         for key, arr in tensors:
-            if size and size + arr.nbytes > max_shard_bytes:
-                flush()
-                shards[-1] = {}
-                size = 0
-            shards[-1][key] = arr
+            if shard and size + arr.nbytes > max_shard_bytes:
+                write(shard)
+                shard, size = {}, 0
+            shard[key] = arr
             size += arr.nbytes
             total += arr.nbytes
             if progress:
                 progress(1)
-        flush()
-        shards.clear()
+        write(shard)
+        del shard
         count = len(shard_files)
         if count == 1:
             os.replace(tmp / shard_files[0], tmp / SINGLE_FILE)
@@ -339,6 +334,15 @@ def write_checkpoint(out_dir: Path, tensors: Iterator[tuple[str, np.ndarray]], c
                 final_names[name] = final
             index = {"metadata": {"total_size": total}, "weight_map": {k: final_names[v] for k, v in weight_map.items()}}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+@contextlib.contextmanager
+def atomic_output(out_dir: Path, config_json: dict, side_files=()) -> Iterator[Path]:
+    """Yields an empty sibling directory to write a checkpoint into; on success adds config.json and
+    the side files and swaps it in for ``out_dir``; on any failure removes it, leaving ``out_dir`` as it was."""
+    tmp = prepare_output(out_dir)
+    try:
+        yield tmp
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
         for f in side_files:
             shutil.copy2(f, tmp / Path(f).name)

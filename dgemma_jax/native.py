@@ -6,13 +6,13 @@ TPU pod wants; the HF safetensors layout stays the interchange format.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from dgemma_jax.checkpoint import atomic_output
 
 PARAMS_DIR = "params"
 
@@ -23,22 +23,11 @@ def is_native(path: Path) -> bool:
 
 def save(module: nnx.Module, out_dir: Path, config_json: dict, side_files=()) -> Path:
     """Writes ``out_dir/config.json`` and ``out_dir/params`` (orbax); atomic like the HF writer."""
-    from dgemma_jax.checkpoint import prepare_output, swap_in
-
     out_dir = Path(out_dir).absolute()
-    tmp = prepare_output(out_dir)
-    try:
-        state = nnx.to_pure_dict(nnx.state(module))
+    with atomic_output(out_dir, config_json, side_files) as tmp:
         with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(tmp / PARAMS_DIR, state)
-        ckpt.wait_until_finished()
-        (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True))
-        for f in side_files:
-            shutil.copy2(f, tmp / Path(f).name)
-        swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            ckpt.save(tmp / PARAMS_DIR, nnx.to_pure_dict(nnx.state(module)))
+            ckpt.wait_until_finished()
     return out_dir
 
 
