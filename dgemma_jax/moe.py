@@ -62,20 +62,31 @@ class MoE(nnx.Module):
         out = {"dense": self._dense, "tiled": self._tiled, "ragged": self._ragged}[impl](x_expert, weights, ids)
         return out.astype(x_expert.dtype)
 
+    def _sort_by_expert(self, ids: jax.Array):
+        """ids [N, K] -> (order [N*K] assignments grouped by expert, their token [N*K], group sizes [E])."""
+        flat_ids = ids.reshape(-1)
+        order = jnp.argsort(flat_ids, stable=True)
+        sizes = jnp.bincount(flat_ids, length=self.config.num_experts).astype(jnp.int32)
+        return order, order // ids.shape[1], sizes
+
+    @staticmethod
+    def _combine(y: jax.Array, weights: jax.Array, order: jax.Array, token: jax.Array, n: int) -> jax.Array:
+        """Expert outputs y [N*K, H] in sorted order -> gate-weighted sum per token, float32 [N, H]."""
+        y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+        return jnp.zeros((n, y.shape[1]), jnp.float32).at[token].add(y)
+
     def _tiled(self, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
         n, k = ids.shape
         e = self.config.num_experts
         tile = int(min(128, max(8, _next_pow2(n * k // e))))
-        flat_ids = ids.reshape(-1)  # [N*K]
-        order = jnp.argsort(flat_ids, stable=True)
-        sorted_ids = flat_ids[order]
-        sizes = jnp.bincount(flat_ids, length=e)  # [E]
+        order, token, sizes = self._sort_by_expert(ids)
+        sorted_ids = ids.reshape(-1)[order]
         tiles = -(-sizes // tile)  # [E] tiles per expert; each group padded to whole tiles
         first_tile = jnp.cumsum(tiles) - tiles
         rank = jnp.arange(n * k) - (jnp.cumsum(sizes) - sizes)[sorted_ids]
         dest = first_tile[sorted_ids] * tile + rank  # [N*K] row of each assignment in the tiled layout
         max_rows = -(-(n * k + e * (tile - 1)) // tile) * tile
-        xs = jnp.zeros((max_rows, x.shape[1]), x.dtype).at[dest].set(x[order // k])
+        xs = jnp.zeros((max_rows, x.shape[1]), x.dtype).at[dest].set(x[token])
 
         def per_expert(i, ys):
             gate, up, down = self.gate[i], self.up[i], self.down[i]  # sliced once per expert
@@ -88,21 +99,15 @@ class MoE(nnx.Module):
             return jax.lax.fori_loop(first_tile[i], first_tile[i] + tiles[i], per_tile, ys)
 
         ys = jax.lax.fori_loop(0, e, per_expert, jnp.zeros_like(xs))
-        y = ys[dest].astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-        return jnp.zeros((n, x.shape[1]), jnp.float32).at[order // k].add(y)
+        return self._combine(ys[dest], weights, order, token, n)
 
     def _ragged(self, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
-        n, k = ids.shape
-        flat_ids = ids.reshape(-1)  # [N*K]
-        order = jnp.argsort(flat_ids, stable=True)  # [N*K], grouped by expert
-        token = order // k
-        group_sizes = jnp.bincount(flat_ids, length=self.config.num_experts).astype(jnp.int32)
+        order, token, sizes = self._sort_by_expert(ids)
         xs = x[token]  # [N*K, H]
-        g = jax.lax.ragged_dot(xs, self.gate[...], group_sizes)
-        u = jax.lax.ragged_dot(xs, self.up[...], group_sizes)
-        y = jax.lax.ragged_dot(gelu_tanh(g) * u, self.down[...], group_sizes)  # [N*K, H]
-        y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-        return jnp.zeros((n, x.shape[1]), jnp.float32).at[token].add(y)
+        g = jax.lax.ragged_dot(xs, self.gate[...], sizes)
+        u = jax.lax.ragged_dot(xs, self.up[...], sizes)
+        y = jax.lax.ragged_dot(gelu_tanh(g) * u, self.down[...], sizes)  # [N*K, H]
+        return self._combine(y, weights, order, token, ids.shape[0])
 
     def _dense(self, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
         gates = jnp.zeros((x.shape[0], self.config.num_experts), jnp.float32)
