@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,20 @@ class Model:
     @property
     def dtype(self):
         return self.module.dtype
+
+    @functools.cached_property
+    def generation_config(self) -> dict[str, Any]:
+        """The checkpoint's ``generation_config.json`` ({} when there is none)."""
+        path = self.source_dir / "generation_config.json" if self.source_dir else None
+        if path is None or not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        return data
 
     # ---- forward passes --------------------------------------------------------------------
     def canvas_logits(self, prompt_ids, canvas_ids, self_conditioning_logits=None) -> jax.Array:

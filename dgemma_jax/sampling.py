@@ -1,16 +1,18 @@
 """Sampler pieces of block diffusion: temperature schedule, candidate sampling, entropy-bound
 acceptance, uniform re-noising, adaptive stopping and the tokens-per-forward metric.
 
-Each piece is a pure function of jax arrays (usable inside ``jax.lax.while_loop``); every random
-draw takes an explicit key; per-row state is carried as arrays. The semantics are those of
+Each piece is a pure function of jax arrays (usable inside ``jax.lax.while_loop``); random draws
+take one key per row (``keys`` [B]), so a row's draws never depend on the rest of the batch;
+per-row state is carried as arrays. The semantics are those of
 transformers' ``generation_diffusion_gemma.py``. One denoising step, as transformers wires it::
 
     tempered = schedule(raw_logits, step)            # also the next step's self-conditioning
-    candidates = sample_candidates(key_a, tempered)
+    candidates = sample_candidates(keys_a, tempered)
     argmax_canvas = argmax(tempered)                  # what a canvas commits
-    accept = acceptance(tempered)
-    canvas = uniform_renoise(key_b, candidates, accept, vocab_size)
-    stop_state, done = stop.update(stop_state, argmax_canvas, tempered)
+    entropies = entropy(tempered)
+    accept = acceptance(entropies)
+    canvas = uniform_renoise(keys_b, candidates, accept, vocab_size)
+    stop_state, done = stop.update(stop_state, argmax_canvas, entropies)
 
 Ties in entropy (and in top-p) are broken by position, lowest first (a stable sort).
 transformers uses ``torch.sort``, which on CPU is stable only up to 16 elements, so on a longer
@@ -79,10 +81,11 @@ def filter_top_k_top_p(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) ->
     return logits
 
 
-def sample_candidates(key: jax.Array, logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-    """One token per position from softmax(logits) (already tempered): [B, L, V] -> int32 [B, L]."""
+def sample_candidates(keys: jax.Array, logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """One token per position from softmax(logits) (already tempered), one key per row:
+    keys [B], logits [B, L, V] -> int32 [B, L]."""
     logits = filter_top_k_top_p(logits.astype(jnp.float32), top_k, top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return jax.vmap(lambda k, x: jax.random.categorical(k, x, axis=-1))(keys, logits).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,24 +96,25 @@ class EntropyBoundAcceptance:
 
     bound: float
 
-    def __call__(self, logits: jax.Array) -> jax.Array:
-        """Tempered logits [B, L, V] -> accept mask [B, L] bool."""
-        h = entropy(logits)  # [B, L]
+    def __call__(self, entropies: jax.Array) -> jax.Array:
+        """Entropies of the tempered logits [B, L] -> accept mask [B, L] bool."""
+        h = entropies
         order = jnp.argsort(h, axis=-1, stable=True)
         sorted_h = jnp.take_along_axis(h, order, axis=-1)
         accept_sorted = jnp.cumsum(sorted_h, axis=-1) - sorted_h <= self.bound
         return jnp.put_along_axis(jnp.zeros_like(accept_sorted), order, accept_sorted, axis=-1, inplace=False)
 
 
-def initial_canvas(key: jax.Array, batch: int, length: int, vocab_size: int) -> jax.Array:
-    """A canvas of uniform random tokens, int32 [batch, length]."""
-    return jax.random.randint(key, (batch, length), 0, vocab_size, jnp.int32)
+def initial_canvas(keys: jax.Array, length: int, vocab_size: int) -> jax.Array:
+    """A canvas of uniform random tokens, one row per key: keys [B] -> int32 [B, length]."""
+    return jax.vmap(lambda k: jax.random.randint(k, (length,), 0, vocab_size, jnp.int32))(keys)
 
 
-def uniform_renoise(key: jax.Array, canvas: jax.Array, accept: jax.Array, vocab_size: int) -> jax.Array:
-    """Keeps ``canvas`` [B, L] where ``accept`` [B, L]; every other position gets a uniform random token."""
-    noise = jax.random.randint(key, canvas.shape, 0, vocab_size, canvas.dtype)
-    return jnp.where(accept, canvas, noise)
+def uniform_renoise(keys: jax.Array, canvas: jax.Array, accept: jax.Array, vocab_size: int) -> jax.Array:
+    """Keeps ``canvas`` [B, L] where ``accept`` [B, L]; every other position gets a uniform random
+    token (one key per row, ``keys`` [B])."""
+    noise = initial_canvas(keys, canvas.shape[1], vocab_size)
+    return jnp.where(accept, canvas, noise.astype(canvas.dtype))
 
 
 class StopState(NamedTuple):
@@ -135,14 +139,21 @@ class StableAndConfidentStop:
     def init(self, batch: int, length: int) -> StopState:
         return StopState(jnp.full((batch, length), -1, jnp.int32), jnp.zeros((batch,), jnp.int32))
 
-    def update(self, state: StopState, argmax_canvas: jax.Array, logits: jax.Array) -> tuple[StopState, jax.Array]:
-        """argmax canvas [B, L] and tempered logits [B, L, V] of this step -> (state, done [B] bool).
+    def update(self, state: StopState, argmax_canvas: jax.Array, entropies: jax.Array,
+               free: jax.Array | None = None) -> tuple[StopState, jax.Array]:
+        """argmax canvas [B, L] and entropies of the tempered logits [B, L] of this step
+        -> (state, done [B] bool). ``free`` [B, L] bool (default all): the positions whose mean
+        entropy is judged (infilling leaves clamped positions out).
 
         ``done`` is this step's decision only; keeping finished rows finished is the caller's job.
         """
         unchanged = jnp.all(argmax_canvas == state.previous, axis=-1)  # [B]
         steps = jnp.where(unchanged, jnp.minimum(state.unchanged_steps + 1, self.stability_threshold), 0)
-        confident = jnp.mean(entropy(logits), axis=-1) < self.confidence_threshold  # [B]
+        if free is None:
+            mean_entropy = jnp.mean(entropies, axis=-1)
+        else:
+            mean_entropy = jnp.sum(jnp.where(free, entropies, 0.0), -1) / jnp.maximum(jnp.sum(free, -1), 1)
+        confident = mean_entropy < self.confidence_threshold  # [B]
         done = (steps >= self.stability_threshold) & confident
         return StopState(argmax_canvas.astype(jnp.int32), steps), done
 

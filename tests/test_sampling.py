@@ -100,7 +100,7 @@ def test_entropy_matches_categorical(seed):
 def test_acceptance_hand_built(bound):
     logits = hand_built_logits()
     want = torch_accept_mask(logits, bound)
-    got = np.asarray(jax.jit(EntropyBoundAcceptance(bound).__call__)(jnp.asarray(logits)))
+    got = np.asarray(jax.jit(EntropyBoundAcceptance(bound).__call__)(sampling.entropy(jnp.asarray(logits))))
     np.testing.assert_array_equal(got, want)
     assert got.any(axis=-1).all()  # at least one per row
 
@@ -109,7 +109,7 @@ def test_acceptance_zero_bound():
     """transformers rejects a zero bound; ours accepts the lowest-entropy position of each row plus
     any whose (cumsum - own entropy) rounds to 0: a tiny entropy is absorbed by a large one, so row 1
     also accepts position 0, and row 2 accepts position 0 but not the second near-zero position 3."""
-    got = np.asarray(EntropyBoundAcceptance(0.0)(jnp.asarray(hand_built_logits())))
+    got = np.asarray(EntropyBoundAcceptance(0.0)(sampling.entropy(jnp.asarray(hand_built_logits()))))
     want = np.zeros((3, 8), bool)
     want[0, 0] = want[1, [0, 5]] = want[2, [0, 1]] = True
     np.testing.assert_array_equal(got, want)
@@ -119,7 +119,7 @@ def test_acceptance_ties_straddle_the_bound():
     """Row 0: eight equal entropies h; a bound in [2h, 3h) accepts exactly three, lowest positions first."""
     logits = hand_built_logits()
     h = float(sampling.entropy(jnp.asarray(logits))[0, 0])
-    got = np.asarray(EntropyBoundAcceptance(2.5 * h)(jnp.asarray(logits)))
+    got = np.asarray(EntropyBoundAcceptance(2.5 * h)(sampling.entropy(jnp.asarray(logits))))
     np.testing.assert_array_equal(got[0], [True] * 3 + [False] * 5)
     np.testing.assert_array_equal(got, torch_accept_mask(logits, 2.5 * h))
 
@@ -129,12 +129,12 @@ def test_acceptance_ties_straddle_the_bound():
 def test_acceptance_random(seed, bound):
     logits = random_logits(seed, *shapes(seed))
     want = torch_accept_mask(logits, bound)
-    got = np.asarray(EntropyBoundAcceptance(bound)(jnp.asarray(logits)))
+    got = np.asarray(EntropyBoundAcceptance(bound)(sampling.entropy(jnp.asarray(logits))))
     np.testing.assert_array_equal(got, want)
 
 
 def test_acceptance_random_is_not_trivial():
-    counts = [np.asarray(EntropyBoundAcceptance(1.0)(jnp.asarray(random_logits(s, *shapes(s))))).sum(-1)
+    counts = [np.asarray(EntropyBoundAcceptance(1.0)(sampling.entropy(jnp.asarray(random_logits(s, *shapes(s)))))).sum(-1)
               for s in SEEDS]
     counts = np.concatenate(counts)
     assert counts.min() >= 1 and (counts > 1).any() and (counts < 8).any()
@@ -162,23 +162,23 @@ def test_top_k_top_p_filter_matches_warpers(seed):
 
 def test_sample_candidates():
     logits = jnp.asarray(random_logits(0, 3, 16, 40))
-    key = jax.random.key(0)
+    key = jax.random.split(jax.random.key(0), 3)
     draw = sampling.sample_candidates(key, logits)
     assert draw.shape == (3, 16) and draw.dtype == jnp.int32
     assert ((draw >= 0) & (draw < 40)).all()
     np.testing.assert_array_equal(sampling.sample_candidates(key, logits, top_k=1), jnp.argmax(logits, -1))
     top5 = jax.lax.top_k(logits, 5)[1]
-    drawn5 = sampling.sample_candidates(jax.random.key(1), logits, top_k=5)
+    drawn5 = sampling.sample_candidates(jax.random.split(jax.random.key(1), 3), logits, top_k=5)
     assert (top5 == drawn5[..., None]).any(-1).all()
     # a dominating token is always drawn; a flat row yields many different tokens
     sharp = jnp.zeros((1, 256, 40)).at[:, :, 7].set(60.0)
-    assert (sampling.sample_candidates(key, sharp) == 7).all()
-    assert len(np.unique(sampling.sample_candidates(key, jnp.zeros((1, 256, 40))))) > 20
+    assert (sampling.sample_candidates(key[:1], sharp) == 7).all()
+    assert len(np.unique(sampling.sample_candidates(key[:1], jnp.zeros((1, 256, 40))))) > 20
 
 
 def test_sample_candidates_follow_softmax():
     logits = jnp.log(jnp.asarray([0.6, 0.3, 0.1, 0.0]))
-    draws = sampling.sample_candidates(jax.random.key(3), jnp.broadcast_to(logits, (1, 20000, 4)))
+    draws = sampling.sample_candidates(jax.random.key(3)[None], jnp.broadcast_to(logits, (1, 20000, 4)))
     freq = np.bincount(np.asarray(draws).ravel(), minlength=4) / 20000
     np.testing.assert_allclose(freq, [0.6, 0.3, 0.1, 0.0], atol=0.015)
 
@@ -186,14 +186,17 @@ def test_sample_candidates_follow_softmax():
 def test_uniform_renoise():
     canvas = jnp.asarray(np.random.default_rng(0).integers(0, 50, (3, 16)), jnp.int32)
     accept = jnp.asarray(np.random.default_rng(1).random((3, 16)) < 0.4)
-    outs = [sampling.uniform_renoise(jax.random.key(k), canvas, accept, 50) for k in range(4)]
+    outs = [sampling.uniform_renoise(jax.random.split(jax.random.key(k), 3), canvas, accept, 50) for k in range(4)]
     for out in outs:
         assert out.dtype == canvas.dtype and out.shape == canvas.shape
         np.testing.assert_array_equal(out[accept], canvas[accept])
         assert ((out >= 0) & (out < 50)).all()
     assert not np.array_equal(outs[0][~accept], outs[1][~accept])
-    first = sampling.initial_canvas(jax.random.key(0), 2, 256, 50)
+    keys = jax.random.split(jax.random.key(0), 2)
+    first = sampling.initial_canvas(keys, 256, 50)
     assert first.shape == (2, 256) and ((first >= 0) & (first < 50)).all() and len(np.unique(first)) == 50
+    # one key per row: a row's draw does not depend on the other rows
+    np.testing.assert_array_equal(sampling.initial_canvas(keys[1:], 256, 50)[0], first[1])
 
 
 # ---- adaptive stopping ----------------------------------------------------------------------
@@ -231,7 +234,7 @@ def test_stopping_step_by_step(stability, confidence):
         state = ours.init(4, 8)
         for c, x in zip(canvases, logits):
             want = ref(torch.from_numpy(c), torch.from_numpy(x)).numpy()
-            state, got = update(state, jnp.asarray(c, jnp.int32), jnp.asarray(x))
+            state, got = update(state, jnp.asarray(c, jnp.int32), sampling.entropy(jnp.asarray(x)))
             np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"round {canvas_round}")
             decisions.append(want)
     decisions = np.stack(decisions)
@@ -260,16 +263,18 @@ def test_pieces_compose_in_while_loop():
     def body(carry):
         step, key, canvas, state, done = carry
         key, k_draw, k_noise = jax.random.split(key, 3)
+        k_draw, k_noise = jax.random.split(k_draw, 2), jax.random.split(k_noise, 2)
         tempered = schedule(raw + canvas[..., None] * 0.0, step)
         candidates = sampling.sample_candidates(k_draw, tempered)
-        canvas = sampling.uniform_renoise(k_noise, candidates, accept(tempered), 32)
-        state, now = stop.update(state, jnp.argmax(tempered, -1).astype(jnp.int32), tempered)
+        entropies = sampling.entropy(tempered)
+        canvas = sampling.uniform_renoise(k_noise, candidates, accept(entropies), 32)
+        state, now = stop.update(state, jnp.argmax(tempered, -1).astype(jnp.int32), entropies)
         return step + 1, key, canvas, state, done | now
 
     def cond(carry):
         return (carry[0] < config.max_denoising_steps) & ~carry[4].all()
 
-    init = (jnp.int32(0), jax.random.key(0), sampling.initial_canvas(jax.random.key(1), 2, 8, 32),
+    init = (jnp.int32(0), jax.random.key(0), sampling.initial_canvas(jax.random.split(jax.random.key(1), 2), 8, 32),
             stop.init(2, 8), jnp.zeros((2,), bool))
     steps, _, canvas, _, _ = jax.jit(lambda c: jax.lax.while_loop(cond, body, c))(init)
     assert canvas.shape == (2, 8) and 1 <= int(steps) <= 5
