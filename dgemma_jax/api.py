@@ -40,16 +40,18 @@ class Model:
         self.source_dir = source_dir
         self.mesh = mesh
         self._passthrough = list(passthrough)
+        # read now: generate() must not depend on the snapshot directory still being there
+        self.generation_config: dict[str, Any] = self._read_generation_config(source_dir)
         self.graphdef, self.state = nnx.split(module)
 
     @property
     def dtype(self):
         return self.module.dtype
 
-    @functools.cached_property
-    def generation_config(self) -> dict[str, Any]:
+    @staticmethod
+    def _read_generation_config(source_dir: Path | None) -> dict[str, Any]:
         """The checkpoint's ``generation_config.json`` ({} when there is none)."""
-        path = self.source_dir / "generation_config.json" if self.source_dir else None
+        path = source_dir / "generation_config.json" if source_dir else None
         if path is None or not path.is_file():
             return {}
         try:

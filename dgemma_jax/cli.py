@@ -194,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", metavar="PATH", help="snapshot directory or config .py file")
     p.set_defaults(func=cmd_info)
+
+    from dgemma_jax import cli_text
+
+    cli_text.add_parsers(sub)
     return parser
 
 

@@ -79,6 +79,7 @@ def generate(model: Model, prompt_ids, max_new_tokens: int | None = None, seed: 
              max_denoising_steps: int | None = None, entropy_bound: float | None = None,
              t_min: float | None = None, t_max: float | None = None, confidence_threshold: float | None = None,
              stability_threshold: int | None = None, *, attention_mask=None, clamp_ids=None,
+             eos_token_ids: Sequence[int] | None = None,
              on_step: Callable[[DenoisingStep], None] | None = None,
              on_canvas: Callable[[int, np.ndarray], None] | None = None, **sampler_overrides) -> GenerationResult:
     """Generates up to ``max_new_tokens`` tokens after each prompt, one canvas at a time.
@@ -98,6 +99,8 @@ def generate(model: Model, prompt_ids, max_new_tokens: int | None = None, seed: 
       clamp_ids: [B, max_new_tokens] or [max_new_tokens] ints: generated positions clamped to the
         given token (never re-noised, not counted by acceptance or stopping), ``-1`` = free. This is
         infilling: the free positions are written with the clamped ones visible on both sides.
+      eos_token_ids: ids that end a row; None = the checkpoint's (``generation_config.json``, else
+        config.json), ``[]`` = none (always generate ``max_new_tokens``).
       on_step: called after every denoising step with a :class:`DenoisingStep` (costs a host round
         trip per step; leave None for speed).
       on_canvas: called after every committed canvas with (canvas index, its tokens [B, L] after the
@@ -125,6 +128,8 @@ def generate(model: Model, prompt_ids, max_new_tokens: int | None = None, seed: 
     n_canvases = -(-max_new_tokens // length)
     clamp = _clamp_array(clamp_ids, batch, max_new_tokens, n_canvases * length, vocab)
     eos_ids, pad_id = _eos_and_pad(generation_config, config)
+    if eos_token_ids is not None:
+        eos_ids = [int(e) for e in eos_token_ids]
 
     capacity = packed.shape[1] + n_canvases * length
     t0 = time.perf_counter()
@@ -164,6 +169,29 @@ def generate(model: Model, prompt_ids, max_new_tokens: int | None = None, seed: 
         sequences=np.concatenate([prompt, out], axis=1), tokens_per_forward=tokens_per_forward,
         steps_per_canvas=(steps.sum(1) / denoised).astype(np.float32), steps=steps,
         prefill_seconds=prefill_seconds, canvas_seconds=canvas_seconds, sampler=sampler)
+
+
+def infill(model: Model, prefix_ids: Sequence[int], suffix_ids: Sequence[int], middle_length: int,
+           seed: int = 0, **sampler_settings) -> list[int]:
+    """Writes ``middle_length`` tokens between ``prefix_ids`` and ``suffix_ids``, seeing both.
+
+    The prefix is the prompt; the generated block is the middle followed by the suffix, whose
+    positions are clamped (never re-noised), so every denoising step of the middle attends to the
+    suffix. EOS does not end the block; the middle is cut at its first EOS, if any. Returns the
+    middle's token ids. ``sampler_settings``: as for :func:`generate`.
+    """
+    suffix = [int(t) for t in suffix_ids]
+    if isinstance(middle_length, bool) or not isinstance(middle_length, int) or middle_length < 1:
+        raise ValueError(f"middle_length must be an integer >= 1, got {middle_length!r}")
+    if not len(prefix_ids):
+        raise ValueError("prefix_ids: needs at least one token (e.g. BOS)")
+    clamp = np.asarray([FREE] * middle_length + suffix, np.int64)
+    result = generate(model, [list(prefix_ids)], max_new_tokens=len(clamp), seed=seed, clamp_ids=clamp,
+                      eos_token_ids=[], **sampler_settings)
+    middle = result.sequences[0, len(prefix_ids):len(prefix_ids) + middle_length].tolist()
+    eos, _ = _eos_and_pad(model.generation_config, model.config)
+    cut = next((i for i, t in enumerate(middle) if t in eos), len(middle))
+    return middle[:cut]
 
 
 def finalize_canvas(tokens: np.ndarray, finished: np.ndarray, reached_max_length: bool, eos_ids: Sequence[int],
