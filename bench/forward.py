@@ -58,14 +58,19 @@ def parse_args(argv=None):
     p.add_argument("--moe-intermediate", type=int, default=128)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--sliding-window", type=int, default=128)
+    add_check_args(p, target=3.0, target_help="required canvas-only speed-up (reported, not enforced)")
+    return p.parse_args(argv)
+
+
+def add_check_args(p: argparse.ArgumentParser, target: float, target_help: str) -> None:
+    """The flags both benchmarks share: parity tolerance, target, load checks, MoE back end."""
     p.add_argument("--tol", type=float, default=1e-3, help="max abs logit difference allowed (else exit 1)")
-    p.add_argument("--target", type=float, default=3.0, help="required canvas-only speed-up (reported, not enforced)")
+    p.add_argument("--target", type=float, default=target, help=target_help)
     p.add_argument("--max-other-load", type=float, default=0.10,
                    help="warn when other processes used more than this share of the cores while timing")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before timing, wait up to this long for 3 s in a row with other load below --max-other-load")
     p.add_argument("--moe-impl", default=None, help="dgemma_jax override, e.g. 'dense' (default: the library's)")
-    return p.parse_args(argv)
 
 
 def set_threads(n: int) -> str:
@@ -337,14 +342,19 @@ def main(argv=None) -> int:
               f"{other:>10.0%}")
     busy = max(r[5] for r in rows)
     print(f"(other load: CPU time used by other processes during that pass, as a share of all {os.cpu_count()} cores)")
-    if busy > args.max_other_load:
+    canvas_ratio = rows[1][3] / rows[1][1]
+    print_verdict("canvas-only ratio", canvas_ratio, f"{canvas_ratio:.2f}x", args, busy)
+    return 0 if parity_ok else 1
+
+
+def print_verdict(what: str, ratio: float, detail: str, args, busy: float) -> None:
+    """The target line (and a warning when other processes loaded the machine while timing)."""
+    unreliable = busy > args.max_other_load
+    if unreliable:
         print(f"WARNING: other processes used up to {busy:.0%} of the machine while timing: these numbers are "
               f"not trustworthy; rerun on an idle machine.")
-    canvas_ratio = rows[1][3] / rows[1][1]
-    print(f"\ntarget: canvas-only ratio >= {args.target:g}x (medians): "
-          f"{'MET' if canvas_ratio >= args.target else 'NOT MET'} ({canvas_ratio:.2f}x)"
-          f"{' [UNRELIABLE: machine was busy]' if busy > args.max_other_load else ''}")
-    return 0 if parity_ok else 1
+    print(f"\ntarget: {what} >= {args.target:g}x (medians): {'MET' if ratio >= args.target else 'NOT MET'} "
+          f"({detail}){' [UNRELIABLE: machine was busy]' if unreliable else ''}")
 
 
 if __name__ == "__main__":

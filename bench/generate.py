@@ -48,7 +48,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench.forward import OtherLoad, cpu_name, hf_config, set_threads, time_pair, wait_idle
+from bench.forward import (OtherLoad, add_check_args, cpu_name, hf_config, print_verdict, set_threads, time_pair,
+                           wait_idle)
 from bench.forward import parse_args as parse_shape_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,13 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side and batch size (median reported)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads = XLA threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tol", type=float, default=1e-3, help="max abs canvas-logit difference allowed (else exit 1)")
-    p.add_argument("--target", type=float, default=5.0, help="required tokens/s ratio (reported, not enforced)")
-    p.add_argument("--max-other-load", type=float, default=0.10,
-                   help="warn when other processes used more than this share of the cores while timing")
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                   help="before timing, wait up to this long for 3 s in a row with other load below --max-other-load")
-    p.add_argument("--moe-impl", default=None, help="dgemma_jax override, e.g. 'dense' (default: the library's)")
+    add_check_args(p, target=5.0, target_help="required tokens/s ratio (reported, not enforced)")
     args, rest = p.parse_known_args(argv)
     args.shape = parse_shape_args(rest)
     if args.new_tokens < 1 or args.steps < 1 or args.repeats < 1 or min(args.batch) < 1:
@@ -279,13 +274,8 @@ def main(argv=None) -> int:
           f"prefill included; other load: CPU time used by other processes while timing that batch, as a share of "
           f"all {os.cpu_count()} cores)")
     busy = max(r["other"] for r in rows)
-    if busy > args.max_other_load:
-        print(f"WARNING: other processes used up to {busy:.0%} of the machine while timing: these numbers are "
-              f"not trustworthy; rerun on an idle machine.")
     worst = min(r["h_med"] / r["o_med"] for r in rows)
-    print(f"\ntarget: ours/transformers tokens/s >= {args.target:g}x at every batch size (medians): "
-          f"{'MET' if worst >= args.target else 'NOT MET'} (lowest {worst:.2f}x)"
-          f"{' [UNRELIABLE: machine was busy]' if busy > args.max_other_load else ''}")
+    print_verdict("ours/transformers tokens/s at every batch size", worst, f"lowest {worst:.2f}x", args, busy)
     return 0 if parity_ok else 1
 
 
