@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from dgemma_jax import sampling
-from dgemma_jax.api import Model, prompt_bucket
+from dgemma_jax.api import Model, _as_tokens, prompt_bucket
 from dgemma_jax.cache import KVCache
 from dgemma_jax.sampling import SamplerConfig
 
@@ -337,11 +337,7 @@ def _prompt_and_mask(prompt_ids, attention_mask, pad_id: int) -> tuple[np.ndarra
             if len(r):
                 prompt[b, width - len(r):], mask[b, width - len(r):] = r, True
         prompt_ids, attention_mask = prompt, mask
-    prompt = np.asarray(prompt_ids)
-    if prompt.ndim != 2:
-        raise ValueError(f"prompt_ids: expected shape [batch, length], found {prompt.shape}")
-    if prompt.size and not np.issubdtype(prompt.dtype, np.integer):
-        raise ValueError(f"prompt_ids: expected integer token ids, found dtype {prompt.dtype}")
+    prompt = _as_tokens(prompt_ids, "prompt_ids")
     if attention_mask is None:
         mask = np.ones(prompt.shape, bool)
     else:
@@ -353,7 +349,7 @@ def _prompt_and_mask(prompt_ids, attention_mask, pad_id: int) -> tuple[np.ndarra
     if prompt.shape[1] == 0 or len(empty):
         raise ValueError(f"prompt_ids: every row needs at least one token (row {int(empty[0]) if len(empty) else 0} "
                          "has none)")
-    return prompt.astype(np.int32), mask
+    return prompt, mask
 
 
 def _pack_left(prompt: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
