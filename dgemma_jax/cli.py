@@ -198,12 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     from dgemma_jax import cli_text
 
     cli_text.add_parsers(sub)
+    from dgemma_jax import cli_train
+
+    cli_train.add_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     from dgemma_jax.checkpoint import CheckpointError
     from dgemma_jax.config import ConfigError
 

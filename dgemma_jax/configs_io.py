@@ -121,3 +121,38 @@ def load_model_config(path: str | Path) -> ModelConfig:
 
 
 __all__ = ["load_config_file", "load_model_config", "model_config_from_dict", "model_config_to_dict"]
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str], prefix: str = "--config.") -> ml_collections.ConfigDict:
+    """Applies ``--config.a.b=value`` overrides in place (values parsed as Python literals, else kept
+    as strings; ConfigDict's type checks apply). ConfigError naming the override when it is bad."""
+    import ast
+
+    for item in overrides:
+        if not item.startswith(prefix) or "=" not in item:
+            raise ConfigError(f"{item!r}: expected {prefix}FIELD=VALUE")
+        dotted, _, text = item[len(prefix):].partition("=")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *parents, leaf = dotted.split(".")
+        node = cfg
+        for i, name in enumerate(parents):
+            if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
+                raise ConfigError(f"{item!r}: config has no section {'.'.join(parents[: i + 1])!r}")
+            node = node[name]
+        if leaf not in node:
+            raise ConfigError(f"{item!r}: config has no field {dotted!r}")
+        if isinstance(node[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(node[leaf], (tuple, list)) and isinstance(value, (tuple, list)):
+            value = type(node[leaf])(value)
+        try:
+            node[leaf] = value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{item!r}: {e}") from e
+    return cfg
+
+
+__all__.append("apply_overrides")

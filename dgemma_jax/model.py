@@ -128,6 +128,11 @@ class DiffusionGemma(nnx.Module):
     def dtype(self):
         return self.embedding[...].dtype
 
+    def _layer_fn(self, method: str):
+        """``Block.encode`` / ``Block.denoise``, rematerialised when ``config.remat``."""
+        fn = getattr(Block, method)
+        return nnx.remat(fn) if self.config.remat else fn
+
     def embed(self, tokens: jax.Array) -> jax.Array:
         """tokens [B, T] -> [B, T, H], scaled by sqrt(hidden) rounded to the weight dtype."""
         table = self.embedding[...]
@@ -153,7 +158,7 @@ class DiffusionGemma(nnx.Module):
         x = self.embed(tokens)
         keys, values = list(cache.keys), list(cache.values)
         for i, layer in enumerate(self.layers):
-            x, keys[i], values[i] = layer.encode(x, positions, keys[i], values[i], cache.length)
+            x, keys[i], values[i] = self._layer_fn("encode")(layer, x, positions, keys[i], values[i], cache.length)
         new_cache = KVCache(tuple(keys), tuple(values), cache.length + num_valid.astype(jnp.int32))
         return self.final_norm(x), new_cache
 
@@ -181,5 +186,5 @@ class DiffusionGemma(nnx.Module):
         x = self.self_conditioning(x, soft)
         positions = cache.length[:, None] + jnp.arange(canvas.shape[1], dtype=jnp.int32)[None, :]
         for i, layer in enumerate(self.layers):
-            x = layer.denoise(x, positions, cache.keys[i], cache.values[i], cache.length)
+            x = self._layer_fn("denoise")(layer, x, positions, cache.keys[i], cache.values[i], cache.length)
         return self.logits(self.final_norm(x))

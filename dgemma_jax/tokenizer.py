@@ -13,7 +13,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -205,12 +205,15 @@ def _special_token_names(directory: Path) -> dict[str, str]:
     return names
 
 
-def train_sentencepiece(texts: Iterable[str], out_path: str | os.PathLike, vocab_size: int) -> Path:
+def train_sentencepiece(texts: Iterable[str], out_path: str | os.PathLike, vocab_size: int,
+                        extra_symbols: Sequence[str] = ()) -> Path:
     """Trains a small BPE SentencePiece model whose special tokens sit at the Gemma 4 ids.
 
     pad 0, eos 1, bos 2, unk 3, then ``<mask>``, the turn/think/channel/tool markers at their ids
     (:data:`GEMMA4_SPECIALS`) with ``<unused{k}>`` in between; byte fallback, no normalisation, so
-    decode(encode(text)) == text. Deterministic (one thread). Writes ``out_path`` atomically.
+    decode(encode(text)) == text. ``extra_symbols``: more always-whole pieces, at the ids right
+    after the Gemma 4 specials in the given order. Deterministic (one thread). Writes ``out_path``
+    atomically.
     """
     out_path = Path(out_path)
     lines = [line for text in texts for line in text.splitlines() if line.strip()]
@@ -221,7 +224,7 @@ def train_sentencepiece(texts: Iterable[str], out_path: str | os.PathLike, vocab
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
             pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-            unk_piece="<unk>", user_defined_symbols=gemma4_pieces()[4:], byte_fallback=True, split_digits=True,
+            unk_piece="<unk>", user_defined_symbols=gemma4_pieces()[4:] + list(extra_symbols), byte_fallback=True, split_digits=True,
             normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True, character_coverage=1.0, num_threads=1, minloglevel=2,
         )

@@ -1,0 +1,207 @@
+"""The fine-tuning objective against a reference built on transformers, and the training loop:
+overfitting, resume after a kill, LoRA merge/export, export read by transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dgemma_jax
+from dgemma_jax.configs_io import load_config_file
+from dgemma_jax.training import lora as lora_lib
+from dgemma_jax.training.objective import Noise, ObjectiveConfig, draw_noise, losses, response_of
+from dgemma_jax.training.trainer import TrainError, Trainer
+from tests import oracle
+from tests.tokenizer_files import write_sentencepiece
+
+ROOT = Path(__file__).resolve().parents[1]
+L = 8  # canvas length of the oracle models
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    """A random tiny transformers checkpoint with a 512-token SentencePiece tokenizer next to it."""
+    ref = oracle.build(seed=11, canvas_length=L, vocab_size=512)
+    path = oracle.save(ref, tmp_path_factory.mktemp("hf"))
+    write_sentencepiece(path, 512)
+    return ref, path
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _batch(rng, prompt_lens, canvases, vocab, max_prompt=7):
+    """Rows ``prompt | C canvases | pad`` with a loss mask that leaves a few positions out."""
+    n = canvases * L
+    tokens = np.zeros((len(prompt_lens), max_prompt + n), np.int32)
+    mask = (rng.random((len(prompt_lens), n)) < 0.8).astype(np.float32)
+    for b, p in enumerate(prompt_lens):
+        tokens[b, : p + n] = rng.integers(5, vocab, p + n)
+    return tokens, np.asarray(prompt_lens, np.int32), mask
+
+
+def test_loss_equals_reference_on_transformers(hf_model):
+    """Diffusion + AR loss on a hand-built batch (two prompt lengths, two canvases, partial mask,
+    one row self-conditioned) equals a direct computation with transformers' forward passes:
+    canvas c of row b = model(input_ids=prompt + clean canvases < c, decoder_input_ids=noisy canvas,
+    self_conditioning_logits=first pass or None); AR = encoder logits on the clean row.
+    float32 both sides: agreement to 2e-5 relative."""
+    ref, path = hf_model
+    model = dgemma_jax.from_pretrained(path, dtype=jnp.float32, moe_impl="ragged")
+    rng = np.random.default_rng(0)
+    tokens, prompt_len, mask = _batch(rng, [3, 7], 2, 512)
+    response = np.asarray(response_of(jnp.asarray(tokens), jnp.asarray(prompt_len), 2 * L))
+    noise = draw_noise(jax.random.key(1), jnp.asarray(response), jnp.asarray(mask), 512, ObjectiveConfig())
+    noise = Noise(noise.canvases, jnp.asarray([True, False]))
+    cfg = ObjectiveConfig(ar_weight=0.7)
+    got = losses(model.module, jnp.asarray(tokens), jnp.asarray(prompt_len), jnp.asarray(mask), noise, cfg)
+
+    noisy, ce, ar = np.asarray(noise.canvases), [], []
+    for b, p in enumerate(prompt_len):
+        for c in range(2):
+            prefix = tokens[b : b + 1, : p + c * L]
+            canvas = noisy[b : b + 1, c * L : (c + 1) * L]
+            first = oracle.canvas_logits(ref, prefix, canvas)
+            logits = oracle.canvas_logits(ref, prefix, canvas, first if b == 0 else None)
+            target = response[b, c * L : (c + 1) * L]
+            ce.append(-_log_softmax(logits[0])[np.arange(L), target])
+        enc = oracle.encoder_logits(ref, tokens[b : b + 1, : p + 2 * L])[0]
+        ar.append(-_log_softmax(enc[p - 1 : p - 1 + 2 * L])[np.arange(2 * L), response[b]])
+    diffusion = np.sum(np.concatenate(ce) * mask.reshape(-1)) / mask.sum()
+    ar_loss = np.sum(np.concatenate(ar) * mask.reshape(-1)) / mask.sum()
+    np.testing.assert_allclose(float(got["diffusion"]), diffusion, rtol=2e-5)
+    np.testing.assert_allclose(float(got["ar"]), ar_loss, rtol=2e-5)
+    np.testing.assert_allclose(float(got["loss"]), diffusion + 0.7 * ar_loss, rtol=2e-5)
+    # Without the AR term the encoder pass stops before the last canvas: same diffusion loss.
+    no_ar = losses(model.module, jnp.asarray(tokens), jnp.asarray(prompt_len), jnp.asarray(mask), noise,
+                   ObjectiveConfig(ar_weight=0.0))
+    np.testing.assert_allclose(float(no_ar["diffusion"]), diffusion, rtol=2e-5)
+    assert float(no_ar["ar"]) == 0.0
+
+
+def test_noise_corrupts_only_supervised_positions_at_rate_t():
+    rng = np.random.default_rng(1)
+    response = jnp.asarray(rng.integers(0, 1000, (512, 64)), jnp.int32)
+    mask = jnp.asarray(rng.random((512, 64)) < 0.5, jnp.float32)
+    noise = draw_noise(jax.random.key(0), response, mask, 1000, ObjectiveConfig(t_min=0.0))
+    changed = np.asarray(noise.canvases != response)
+    assert not changed[np.asarray(mask) == 0].any()
+    # t ~ U(0, 1) per example, so the corrupted share of supervised tokens averages 1/2 (minus
+    # the 1/1000 chance of redrawing the same token), and varies across examples
+    share = changed.sum(1) / np.asarray(mask).sum(1)
+    assert abs(share.mean() - 0.5) < 0.03 and share.std() > 0.2
+    assert abs(np.asarray(noise.self_cond).mean() - 0.5) < 0.08
+
+
+def _config(tmp_path: Path, model_dir: Path | None = None, **changes):
+    """configs/train/sudoku_scratch.py turned into a small run on ``tmp_path``."""
+    cfg = load_config_file(ROOT / "configs/train/sudoku_scratch.py")
+    if model_dir is None:
+        assets = tmp_path / "assets"
+        assets.mkdir(parents=True, exist_ok=True)
+        write_sentencepiece(assets, 512)
+        cfg.model.config, cfg.model.assets = str(ROOT / "configs/model/tiny.py"), str(assets)
+    else:
+        cfg.model.init, cfg.model.config, cfg.model.assets = str(model_dir), "", ""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(dict(prompt=f"Question {i}: what is {i} + {i}?", completion=f"It is {2 * i}."))
+                            + "\n" for i in range(4)))
+    cfg.data.update(path=str(data), max_prompt_len=24, batch_size=4)
+    cfg.optim.update(lr=3e-3, warmup_steps=5)
+    cfg.run.update(out_dir=str(tmp_path / "run"), steps=10, save_every=5, log_every=1)
+    for dotted, value in changes.items():
+        section, field = dotted.split("__")
+        cfg[section][field] = value
+    return cfg
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_a_few_examples(tmp_path):
+    cfg = _config(tmp_path, run__steps=150, objective__ar_weight=1.0, optim__warmup_steps=10)
+    rows = Trainer(cfg).run(progress=False)
+    first, last = rows[0]["loss"], np.mean([r["loss"] for r in rows[-5:]])
+    assert first > 5.0 and last < 0.05, (first, last)
+
+
+def test_resume_after_kill_repeats_the_same_losses(tmp_path):
+    full = Trainer(_config(tmp_path / "a", run__steps=6, run__save_every=2)).run(progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step, row):
+        if step == 5:
+            raise Killed
+
+    cfg = _config(tmp_path / "b", run__steps=6, run__save_every=2)
+    with pytest.raises(Killed):
+        Trainer(cfg).run(progress=False, on_step=kill_at_5)
+    with pytest.raises(TrainError, match="resume"):
+        Trainer(cfg).run(progress=False)
+    resumed = Trainer(cfg).run(resume=True, progress=False)
+    assert [r["step"] for r in resumed] == [5, 6]  # restarted from the checkpoint of step 4
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[4:]]
+    steps = [int(line.split(",")[0]) for line in (tmp_path / "b/run/metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the metrics file holds each step once
+
+
+def test_lora_export_equals_base_plus_adapters_and_loads_in_transformers(hf_model, tmp_path):
+    _, path = hf_model
+    cfg = _config(tmp_path, model_dir=path, run__steps=3, optim__warmup_steps=1, lora__enabled=True, lora__rank=4,
+                  lora__targets=("attn", "mlp", "moe"))
+    cfg.model.dtype = "float32"
+    trainer = Trainer(cfg)
+    base = jax.tree.map(np.asarray, nnx.to_pure_dict(trainer.frozen))
+    trainer.run(progress=False)
+    adapters = trainer.trainable
+    assert {k.split(".")[-1] for k in adapters} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate", "up", "down"}
+    assert all(float(jnp.abs(a["b"]).max()) > 0 for a in adapters.values())  # trained
+    for now, before in zip(jax.tree.leaves(nnx.to_pure_dict(trainer.frozen)), jax.tree.leaves(base), strict=True):
+        np.testing.assert_array_equal(np.asarray(now), before)  # the base stays frozen
+    out = trainer.export(tmp_path / "export")
+
+    rng = np.random.default_rng(3)
+    prompt, canvas = rng.integers(0, 512, (2, 5)), rng.integers(0, 512, (2, L))
+    with_adapters = nnx.merge(trainer.graphdef, lora_lib.merge(trainer.frozen, adapters, trainer.lora_cfg),
+                              trainer.rest)
+    expected = np.asarray(dgemma_jax.api.Model(with_adapters).canvas_logits(prompt, canvas))
+    base_logits = np.asarray(dgemma_jax.from_pretrained(path, dtype=jnp.float32).canvas_logits(prompt, canvas))
+    assert np.abs(expected - base_logits).max() > 1e-3  # the adapters matter
+    ours = dgemma_jax.from_pretrained(out, dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(ours.canvas_logits(prompt, canvas)), expected, atol=2e-5, rtol=2e-5)
+    theirs, info = oracle.load(out)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    np.testing.assert_allclose(oracle.canvas_logits(theirs, prompt, canvas), expected, atol=1e-4, rtol=1e-4)
+    # the adapter alone round-trips
+    loaded, loaded_cfg = lora_lib.load(tmp_path / "run" / "adapter")
+    assert loaded_cfg == trainer.lora_cfg
+    for name, ad in adapters.items():
+        np.testing.assert_array_equal(np.asarray(loaded[name]["b"]), np.asarray(ad["b"]))
+
+
+def test_cli_train_export_and_plot(tmp_path, capsys):
+    from dgemma_jax import cli
+
+    cfg = _config(tmp_path, run__steps=3, optim__warmup_steps=1)
+    flags = [f"--config.{section}.{key}={value!r}" for section in ("model", "data", "optim", "run")
+             for key, value in cfg[section].items() if key != "mesh"]
+    args = ["train", "--config", str(ROOT / "configs/train/sudoku_scratch.py"), *flags, "-q"]
+    assert cli.main(args) == 0
+    run = Path(cfg.run.out_dir)
+    assert (run / "export" / "model.safetensors").is_file() and (run / "export" / "tokenizer.model").is_file()
+    assert cli.main([*args, "--resume"]) == 0  # already at run.steps: nothing to do, exports again
+    assert cli.main(["plot", str(run / "metrics.csv")]) == 0
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.main(["train", "--config", str(ROOT / "configs/train/sudoku_scratch.py"), "--config.run.stepz=1"]) == 1
+    assert "no field 'run.stepz'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # overrides are for `train` only
+        cli.main(["info", "configs/model/tiny.py", "--config.run.steps=1"])
