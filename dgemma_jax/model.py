@@ -129,9 +129,18 @@ class DiffusionGemma(nnx.Module):
         return self.embedding[...].dtype
 
     def _layer_fn(self, method: str):
-        """``Block.encode`` / ``Block.denoise``, rematerialised when ``config.remat``."""
+        """``Block.encode`` / ``Block.denoise``; with ``config.remat`` under ``jax.checkpoint`` (the
+        layer's activations are recomputed in the backward pass instead of stored). The blocks are
+        pure functions of their weights, so the functional split/merge is exact."""
         fn = getattr(Block, method)
-        return nnx.remat(fn) if self.config.remat else fn
+        if not self.config.remat:
+            return fn
+
+        def rematerialised(layer: Block, *args):
+            graphdef, state = nnx.split(layer)
+            return jax.checkpoint(lambda state, *a: fn(nnx.merge(graphdef, state), *a))(state, *args)
+
+        return rematerialised
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """tokens [B, T] -> [B, T, H], scaled by sqrt(hidden) rounded to the weight dtype."""

@@ -55,6 +55,7 @@ class DataStats:
     malformed: int = 0
     truncated: int = 0
     dropped: int = 0
+    first_malformed: str = ""  # file:line: reason of the first skipped line
 
 
 class MalformedLine(ValueError):
@@ -128,6 +129,7 @@ def load_rows(cfg: DataConfig, tokenizer: Tokenizer, template: ChatTemplate | No
                 if not cfg.skip_malformed:
                     raise MalformedLine(f"{path}:{number}: {e}") from None
                 stats.malformed += 1
+                stats.first_malformed = stats.first_malformed or f"{path}:{number}: {e}"
                 continue
             row = make_row(prompt, response, cfg, canvas_length, pad_id, stats)
             if row is not None:
