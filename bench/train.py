@@ -11,8 +11,8 @@ self-conditioning on half the rows, flat cross-entropy, backward, global-norm cl
 AdamW update. The AR term is off on both sides (``ar_weight 0``): transformers' forward encodes
 the prompt and denoises the canvas against that cache in one call, so an AR loss over the
 response would need a second encoder pass there.
-  ours: ``dgemma_jax.training.trainer.make_train_step`` (jitted once; MoE back end ``ragged``,
-        the differentiable one).
+  ours: ``dgemma_jax.training.trainer.make_train_step`` (jitted once; MoE back end as the trainer
+        picks it: ``dense`` on CPU, ``ragged`` elsewhere; ``--moe-impl`` overrides).
   transformers: ``model(input_ids=prompt, decoder_input_ids=noisy)`` under ``no_grad`` for the
         self-conditioning logits, then ``model(..., self_conditioning_logits=..., self_conditioning_mask=...)``,
         ``loss.backward()``, ``clip_grad_norm_``, ``torch.optim.AdamW.step()`` (eager, float32).
@@ -67,12 +67,12 @@ def main(argv=None) -> int:
     transformers.utils.logging.disable_progress_bar()
     import dgemma_jax
     from dgemma_jax.training.objective import Noise, ObjectiveConfig, losses
-    from dgemma_jax.training.trainer import build_optimizer, make_train_step
+    from dgemma_jax.training.trainer import build_optimizer, make_train_step, training_moe_impl
 
     tm = DiffusionGemmaForBlockDiffusion(hf_config(args.shape)).to(torch.float32).train()
     with tempfile.TemporaryDirectory(prefix="dgemma-bench-") as tmp:
         tm.save_pretrained(tmp)
-        ours = dgemma_jax.from_pretrained(tmp, dtype="float32", moe_impl=args.moe_impl or "ragged")
+        ours = dgemma_jax.from_pretrained(tmp, dtype="float32", moe_impl=training_moe_impl(args.moe_impl or "auto"))
     cfg = ours.config
     b, t, length, vocab = args.batch, args.prompt, cfg.canvas_length, cfg.vocab_size
     objective = ObjectiveConfig(ar_weight=0.0)
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
           f"jax {jax.__version__} {jax.default_backend()} | torch {torch.__version__} | transformers {transformers.__version__}")
     s = args.shape
     print(f"model: hidden {s.hidden}, {s.layers} layers, {s.experts} experts top-{s.top_k}, vocab {s.vocab}, "
-          f"{n_params / 1e6:.1f}M params, float32 | batch {b} x (prompt {t} + canvas {length}) = {per_step} tokens/step")
+          f"{n_params / 1e6:.1f}M params, float32, ours moe_impl={cfg.moe_impl} | batch {b} x (prompt {t} + canvas {length}) = {per_step} tokens/step")
     print(f"parity: loss on the same noisy batch: ours {ours_loss:.6f}, transformers {hf_loss:.6f} -> "
           f"{'OK' if parity_ok else 'MISMATCH'} | first step (compile + run) {compile_s:.1f} s")
     print(f"timing: median (min) of {args.repeats} steps per side, interleaved, after {args.warmup} untimed\n")

@@ -81,15 +81,12 @@ def _load(args):
     """-> (model, tokenizer). Notes which model is used on stderr."""
     import dgemma_jax
     from dgemma_jax.cli import _source_dtype
-    from dgemma_jax.default_model import default_model_dir, is_random_checkpoint
+    from dgemma_jax.default_model import default_model_dir
     from dgemma_jax.tokenizer import Tokenizer
 
     path = Path(args.model) if args.model else default_model_dir()
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face snapshot)")
-    if is_random_checkpoint(path):
-        print(f"dgemma: note: {path} has RANDOM weights (the placeholder default model): its output is noise",
-              file=sys.stderr)
     recorded = _source_dtype(path)
     dtype = args.dtype or (recorded if recorded in ("bfloat16", "float32") else "bfloat16")
     return dgemma_jax.from_pretrained(path, dtype=dtype), Tokenizer.load(path)

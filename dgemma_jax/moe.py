@@ -8,7 +8,7 @@ Back ends (``config.moe_impl``); the first two compute only the chosen experts:
               have data-dependent trip counts, so it has no reverse-mode gradient).
   ``auto``:   ``tiled`` on CPU, ``ragged`` elsewhere.
   ``dense``:  every token through every expert, weighted by the (mostly zero) gate matrix. A test
-              reference only.
+              reference, and the CPU training back end (XLA:CPU's ``ragged_dot`` gradient is slower).
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ def count_solutions(grid: Iterable[int], limit: int = 2) -> int:
     return _count(g, limit)
 
 
-def _count(g: list[int], limit: int) -> int:
+def _most_constrained(g: list[int]) -> tuple[int, int]:
+    """(blank cell with the fewest candidates, its candidate bit mask); (-1, 0) when none is blank."""
     best, best_mask, best_n = -1, 0, 10
     for i in range(81):
         if g[i] == 0:
@@ -76,6 +77,11 @@ def _count(g: list[int], limit: int) -> int:
                 best, best_mask, best_n = i, mask, n
                 if n <= 1:
                     break
+    return best, best_mask
+
+
+def _count(g: list[int], limit: int) -> int:
+    best, best_mask = _most_constrained(g)
     if best < 0:
         return 1
     found = 0
@@ -102,15 +108,7 @@ def solve(grid: Iterable[int]) -> list[int] | None:
 
 def _fill(g: list[int], rng: np.random.Generator | None) -> bool:
     """Fills ``g`` in place by depth-first search (digits tried in random order when rng is given)."""
-    best, best_mask, best_n = -1, 0, 10
-    for i in range(81):
-        if g[i] == 0:
-            mask = _candidates(g, i)
-            n = bin(mask).count("1")
-            if n < best_n:
-                best, best_mask, best_n = i, mask, n
-                if n <= 1:
-                    break
+    best, best_mask = _most_constrained(g)
     if best < 0:
         return True
     digits = [d for d in range(1, 10) if best_mask >> d & 1]

@@ -1,4 +1,5 @@
-"""``dgemma generate``, ``chat`` and ``infill`` on the embedded default model (built in a temp dir)."""
+"""``dgemma generate``, ``chat`` and ``infill`` on the embedded default model (the Sudoku model:
+these check the commands, not the quality of its free text)."""
 
 import io
 
@@ -10,18 +11,16 @@ from dgemma_jax.tokenizer import Tokenizer
 FAST = ["--steps", "2", "--seed", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def home(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DGEMMA_HOME", str(tmp_path_factory.mktemp("dgemma-home")))
-        yield default_model.default_model_dir()
+@pytest.fixture(scope="module")
+def home():
+    return default_model.default_model_dir()
 
 
 def test_generate_two_prompts(capsys):
     assert cli.main(["generate", "The sky is", "Once upon a time", "--max-new-tokens", "20", *FAST]) == 0
     out, err = capsys.readouterr()
     assert len(out.splitlines()) >= 2
-    assert "RANDOM weights" in err and "tokens/forward" in err and "2 canvas(es)" in err
+    assert "tokens/forward" in err and "1 canvas(es)" in err
 
 
 def test_generate_is_reproducible_and_seeded(capsys):

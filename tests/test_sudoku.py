@@ -76,5 +76,7 @@ def test_cli_solves_puzzles_without_touching_givens(monkeypatch, capsys):
     assert len(answers) == 8 and "valid solutions" in err
     for (puzzle, _), answer in zip(pairs, answers):
         assert all(a == p for p, a in zip(puzzle, answer) if p)  # givens are clamped
-    # the shipped model solves these (its measured rate is far above this bar; see README)
-    assert sum(sudoku.is_valid_solution(p, a) for (p, _), a in zip(pairs, answers)) >= 4
+    # The shipped model fills blanks far better than chance (1/9): 0.55 measured on 200
+    # puzzles (README); a broken model, tokenizer or sampler falls to ~0.1.
+    scores = sudoku.score([p for p, _ in pairs], [s for _, s in pairs], answers)
+    assert scores["givens_kept"] == 1.0 and scores["cell_accuracy"] > 0.35, scores

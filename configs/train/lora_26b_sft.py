@@ -15,7 +15,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
-            model=dict(init="", config="", assets="", dtype="bfloat16", moe_impl="ragged", remat=True),
+            model=dict(init="", config="", assets="", dtype="bfloat16", moe_impl="auto", remat=True),
             data=dict(path="", max_prompt_len=1024, num_canvases=4, overlong="truncate", skip_malformed=True,
                       supervise_padding=True, batch_size=16, seed=0),
             objective=dict(t_min=1e-3, ar_weight=1.0, p_self_cond=0.5),

@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
                 config="configs/model/sudoku.py",  # ... with this architecture
                 assets="runs/sudoku/assets",  # tokenizer.model, chat template, generation_config.json
                 dtype="float32",
-                moe_impl="ragged",  # differentiable; XLA:CPU computes it densely over the 4 experts
+                moe_impl="auto",  # training back end: dense on CPU, ragged elsewhere
                 remat=False,
             ),
             data=dict(
