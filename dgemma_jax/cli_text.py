@@ -78,7 +78,7 @@ def _sampler(args) -> dict:
 
 
 def _load(args):
-    """-> (model, tokenizer). Notes which model is used on stderr."""
+    """-> (model, tokenizer): ``--model`` or the embedded default model."""
     import dgemma_jax
     from dgemma_jax.cli import _source_dtype
     from dgemma_jax.default_model import default_model_dir
