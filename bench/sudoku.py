@@ -61,8 +61,6 @@ def main(argv=None) -> int:
                              seconds=time.perf_counter() - t0)
 
     tm = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32).eval()
-    digits = sudoku.digit_ids(tok)
-    to_digit = {int(t): d for d, t in enumerate(digits) if d}
     answers, steps = [], []
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -70,8 +68,7 @@ def main(argv=None) -> int:
         prompt = torch.from_numpy(sudoku.encode_prompts(tok, ps[start:start + args.batch]).astype(np.int64))
         with torch.no_grad():
             out = tm.generate(prompt, max_new_tokens=82)
-        for row in out.sequences[:, 82:82 + 81].numpy():
-            answers.append([to_digit.get(int(t), 0) for t in row] + [0] * (81 - len(row)))
+        answers.extend(sudoku.read_answers(tok, out.sequences[:, 82:].numpy()))
         steps.extend((82 / out.tokens_per_forward.numpy()).tolist())
     results["transformers, full"] = dict(sudoku.score(ps, sols, answers), mean_steps=float(np.mean(steps)),
                                          seconds=time.perf_counter() - t0)

@@ -264,6 +264,12 @@ def digit_ids(tokenizer) -> np.ndarray:
     return np.asarray(ids, np.int64)
 
 
+def read_answers(tokenizer, generated) -> list[list[int]]:
+    """Generated canvases [B, >= 81] token ids -> 81 digits per row; a non-digit token reads as 0."""
+    to_digit = {int(t): d for d, t in enumerate(digit_ids(tokenizer)) if d}
+    return [[to_digit.get(int(t), 0) for t in row[:81]] + [0] * (81 - len(row[:81])) for row in generated]
+
+
 def solve_with_model(model, tokenizer, puzzles_: list[list[int]], *, clamp_givens: bool = True, seed: int = 0,
                      batch_size: int = 64, progress: bool = False, **sampler) -> tuple[list[list[int]], np.ndarray]:
     """Fills each puzzle with the model: one 82-token canvas (81 digits + EOS) per puzzle.
@@ -281,7 +287,6 @@ def solve_with_model(model, tokenizer, puzzles_: list[list[int]], *, clamp_given
         raise ValueError(f"canvas_length={model.config.canvas_length}: a Sudoku needs 82 (81 digits + EOS)")
     digits = digit_ids(tokenizer)
     eos = tokenizer.eos_id
-    to_digit = {int(t): d for d, t in enumerate(digits) if d}
     answers, steps = [], []
     for start in tqdm(range(0, len(puzzles_), batch_size), disable=not progress, desc="sudoku", unit="batch"):
         chunk = puzzles_[start:start + batch_size]
@@ -293,8 +298,7 @@ def solve_with_model(model, tokenizer, puzzles_: list[list[int]], *, clamp_given
                 clamp[r, :81] = np.where(np.asarray(p) > 0, digits[np.asarray(p)], FREE)
             clamp[:, 81] = eos
         result = generate(model, prompt, max_new_tokens=82, seed=seed + start, clamp_ids=clamp, **sampler)
-        for row in result.sequences[:, 82:82 + 81]:
-            answers.append([to_digit.get(int(t), 0) for t in row])
+        answers.extend(read_answers(tokenizer, result.sequences[:, 82:]))
         steps.extend(result.steps[:, 0].tolist())
     return answers, np.asarray(steps)
 

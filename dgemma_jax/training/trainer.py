@@ -11,8 +11,6 @@ kill reproduces the uninterrupted loss curve from the last checkpoint on.
 from __future__ import annotations
 
 import csv
-import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -320,7 +318,3 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)
-
-
-def data_summary(stats: data_lib.DataStats) -> str:
-    return json.dumps(dataclasses.asdict(stats))
