@@ -132,6 +132,31 @@ def hf_config(args):
     return DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=args.canvas)
 
 
+def build_models(shape, moe_impl: str | None = None, train: bool = False):
+    """The random float32 transformers model of ``shape`` (``eval()``, or ``train()``) and ours loaded
+    from its ``save_pretrained`` (``moe_impl``: our MoE back end, None = the library default).
+
+    Returns (transformers model, ours, seconds ``from_pretrained`` took, text parameter count)."""
+    import tempfile
+    import time
+
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    import dgemma_jax
+
+    tm = DiffusionGemmaForBlockDiffusion(hf_config(shape)).to(torch.float32)
+    tm = tm.train() if train else tm.eval()
+    n_params = sum(p.numel() for n, p in tm.named_parameters() if "vision" not in n)
+    with tempfile.TemporaryDirectory(prefix="dgemma-bench-") as tmp:
+        tm.save_pretrained(tmp)
+        overrides = {"moe_impl": moe_impl} if moe_impl else {}
+        t0 = time.perf_counter()
+        ours = dgemma_jax.from_pretrained(tmp, dtype="float32", **overrides)
+        load_s = time.perf_counter() - t0
+    return tm, ours, load_s, n_params
+
+
 class OtherLoad:
     """CPU time that OTHER processes used while the block ran, as a fraction of all cores
     (/proc/stat busy time minus this process's own CPU time). Timings are unreliable when it is high:
@@ -213,7 +238,6 @@ def main(argv=None) -> int:
     placement = set_threads(args.threads)
 
     import platform
-    import tempfile
     import time
 
     import numpy as np
@@ -226,29 +250,20 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import transformers
     from flax import nnx
-    from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
+    from transformers import DynamicCache
 
     transformers.utils.logging.disable_progress_bar()
 
-    import dgemma_jax
     from dgemma_jax.cache import KVCache
 
-    cfg = hf_config(args)
-    tm = DiffusionGemmaForBlockDiffusion(cfg).to(torch.float32).eval()
+    tm, ours, load_s, n_params = build_models(args, args.moe_impl)
     text_cfg = tm.config.text_config
-    n_params = sum(p.numel() for n, p in tm.named_parameters() if "vision" not in n)
 
     rng = np.random.default_rng(args.seed)
     prompt = rng.integers(0, args.vocab, (args.batch, args.prompt), dtype=np.int64)
     canvas = rng.integers(0, args.vocab, (args.batch, args.canvas), dtype=np.int64)
     prompt_t, canvas_t = torch.from_numpy(prompt), torch.from_numpy(canvas)
 
-    with tempfile.TemporaryDirectory(prefix="dgemma-bench-") as tmp:
-        tm.save_pretrained(tmp)
-        overrides = {"moe_impl": args.moe_impl} if args.moe_impl else {}
-        t0 = time.perf_counter()
-        ours = dgemma_jax.from_pretrained(tmp, dtype="float32", **overrides)
-        load_s = time.perf_counter() - t0
 
     # ---- ours -----------------------------------------------------------------------------------
     prompt_j, canvas_j = jnp.asarray(prompt, jnp.int32), jnp.asarray(canvas, jnp.int32)

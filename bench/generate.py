@@ -48,7 +48,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench.forward import (OtherLoad, add_check_args, cpu_name, hf_config, print_verdict, set_threads, time_pair,
+from bench.forward import (OtherLoad, add_check_args, build_models, cpu_name, print_verdict, set_threads, time_pair,
                            wait_idle)
 from bench.forward import parse_args as parse_shape_args
 
@@ -119,7 +119,6 @@ def main(argv=None) -> int:
     placement = set_threads(args.threads)
 
     import platform
-    import tempfile
     import time
 
     import numpy as np
@@ -130,7 +129,6 @@ def main(argv=None) -> int:
 
     import jax
     import transformers
-    from transformers import DiffusionGemmaForBlockDiffusion
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
         DiffusionGemmaGenerationConfig,
         EntropyBoundSamplerConfig,
@@ -141,16 +139,8 @@ def main(argv=None) -> int:
     import dgemma_jax
 
     new_tokens, steps = args.new_tokens, args.steps
-    tm = DiffusionGemmaForBlockDiffusion(hf_config(shape)).to(torch.float32).eval()
+    tm, ours, load_s, n_params = build_models(shape, args.moe_impl)
     text_cfg = tm.config.text_config
-    n_params = sum(p.numel() for n, p in tm.named_parameters() if "vision" not in n)
-
-    with tempfile.TemporaryDirectory(prefix="dgemma-bench-") as tmp:
-        tm.save_pretrained(tmp)
-        overrides = {"moe_impl": args.moe_impl} if args.moe_impl else {}
-        t0 = time.perf_counter()
-        ours = dgemma_jax.from_pretrained(tmp, dtype="float32", **overrides)
-        load_s = time.perf_counter() - t0
 
     canvas_len, vocab = ours.config.canvas_length, ours.config.vocab_size
     if (canvas_len, vocab) != (tm.config.canvas_length, text_cfg.vocab_size):

@@ -27,7 +27,7 @@ import os
 import platform
 import sys
 
-from bench.forward import (OtherLoad, add_check_args, cpu_name, hf_config, print_verdict, set_threads, time_pair,
+from bench.forward import (OtherLoad, add_check_args, build_models, cpu_name, print_verdict, set_threads, time_pair,
                            wait_idle)
 from bench.forward import parse_args as parse_shape_args
 
@@ -51,8 +51,6 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     placement = set_threads(args.threads)
-    import tempfile
-
     import numpy as np
     import torch
 
@@ -62,17 +60,12 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import ml_collections
     import transformers
-    from transformers import DiffusionGemmaForBlockDiffusion
 
     transformers.utils.logging.disable_progress_bar()
-    import dgemma_jax
     from dgemma_jax.training.objective import Noise, ObjectiveConfig, losses
     from dgemma_jax.training.trainer import build_optimizer, make_train_step, training_moe_impl
 
-    tm = DiffusionGemmaForBlockDiffusion(hf_config(args.shape)).to(torch.float32).train()
-    with tempfile.TemporaryDirectory(prefix="dgemma-bench-") as tmp:
-        tm.save_pretrained(tmp)
-        ours = dgemma_jax.from_pretrained(tmp, dtype="float32", moe_impl=training_moe_impl(args.moe_impl or "auto"))
+    tm, ours, _, n_params = build_models(args.shape, training_moe_impl(args.moe_impl or "auto"), train=True)
     cfg = ours.config
     b, t, length, vocab = args.batch, args.prompt, cfg.canvas_length, cfg.vocab_size
     objective = ObjectiveConfig(ar_weight=0.0)
@@ -141,7 +134,6 @@ def main(argv=None) -> int:
     with OtherLoad() as other:
         (o_med, o_min), (h_med, h_min) = time_pair(ours_step, hf_step, args.repeats, args.warmup)
 
-    n_params = sum(p.numel() for n, p in tm.named_parameters() if "vision" not in n)
     per_step = b * (t + length)
     print(f"machine: {cpu_name()} ({platform.machine()}) cores={os.cpu_count()} threads={args.threads} ({placement}) | "
           f"jax {jax.__version__} {jax.default_backend()} | torch {torch.__version__} | transformers {transformers.__version__}")
