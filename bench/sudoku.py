@@ -8,10 +8,12 @@ Run (from the repository root):
 come from ``dgemma_jax.sudoku.puzzles(--seed)``; train/sudoku.py trains on seed 1, so the default
 seed here gives puzzles the training never saw. Rows:
   ours, full, givens clamped   what ``dgemma sudoku`` does (the givens cannot be overwritten)
-  ours, full, unclamped        the plain sampler, as transformers runs it
+  ours, full, unclamped        the plain sampler: the model must also copy the givens
   ours, one step, clamped      a single denoising step, then commit
-  transformers, full           ``DiffusionGemmaForBlockDiffusion.generate`` with the checkpoint's
-                               generation_config.json (no clamping exists there)
+  transformers, full, ...      ``DiffusionGemmaForBlockDiffusion.generate`` with the checkpoint's
+                               generation_config.json; "givens clamped" pins them the way ours
+                               does, with its own hooks: the first canvas (``decoder_input_ids``)
+                               holds them and a logits processor puts all their mass on them
 exact = a valid grid that keeps every given; cell accuracy = blanks equal to the unique solution.
 """
 
@@ -38,7 +40,17 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(os.cpu_count() or 1)
     import jax.numpy as jnp
-    from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers import DiffusionGemmaForBlockDiffusion, LogitsProcessor, LogitsProcessorList
+
+    class PinTokens(LogitsProcessor):
+        """Canvas logits [B, L, V]: positions with a pin >= 0 get all their mass on that token."""
+
+        def __init__(self, pins):
+            self.pins = pins  # [B, L] long, -1 where free
+
+        def __call__(self, input_ids, scores, **kwargs):
+            pinned = torch.full_like(scores, float("-inf")).scatter(-1, self.pins.clamp(min=0)[..., None], 0.0)
+            return torch.where((self.pins >= 0)[..., None], pinned, scores)
 
     import dgemma_jax
     from dgemma_jax import sudoku
@@ -61,17 +73,25 @@ def main(argv=None) -> int:
                              seconds=time.perf_counter() - t0)
 
     tm = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32).eval()
-    answers, steps = [], []
-    t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    for start in range(0, len(ps), args.batch):
-        prompt = torch.from_numpy(sudoku.encode_prompts(tok, ps[start:start + args.batch]).astype(np.int64))
-        with torch.no_grad():
-            out = tm.generate(prompt, max_new_tokens=82)
-        answers.extend(sudoku.read_answers(tok, out.sequences[:, 82:].numpy()))
-        steps.extend((82 / out.tokens_per_forward.numpy()).tolist())
-    results["transformers, full"] = dict(sudoku.score(ps, sols, answers), mean_steps=float(np.mean(steps)),
-                                         seconds=time.perf_counter() - t0)
+    for name, clamp in (("transformers, full, givens clamped", True), ("transformers, full, unclamped", False)):
+        answers, steps = [], []
+        t0 = time.perf_counter()
+        for start in range(0, len(ps), args.batch):
+            chunk = ps[start:start + args.batch]
+            prompt = torch.from_numpy(sudoku.encode_prompts(tok, chunk).astype(np.int64))
+            kw = {}
+            if clamp:  # the same clamping as ours: pinned in the first canvas and in every step's logits
+                pins = torch.from_numpy(sudoku.clamp_ids(tok, chunk))
+                canvas = torch.randint(tm.config.text_config.vocab_size, pins.shape)
+                kw = dict(decoder_input_ids=torch.where(pins >= 0, pins, canvas),
+                          logits_processor=LogitsProcessorList([PinTokens(pins)]))
+            with torch.no_grad():
+                out = tm.generate(prompt, max_new_tokens=82, **kw)
+            answers.extend(sudoku.read_answers(tok, out.sequences[:, 82:].numpy()))
+            steps.extend((82 / out.tokens_per_forward.numpy()).tolist())
+        results[name] = dict(sudoku.score(ps, sols, answers), mean_steps=float(np.mean(steps)),
+                             seconds=time.perf_counter() - t0)
 
     print(f"model: {path} | {args.puzzles} puzzles, generator seed {args.seed}, 28-40 givens")
     print(f"{'':<30}{'exact':>8}{'cell acc':>10}{'givens kept':>13}{'steps':>8}{'seconds':>9}")

@@ -193,10 +193,27 @@ def answer_text(solution: Iterable[int]) -> str:
     return grid_text(solution)
 
 
+def completion_segments(puzzle: Iterable[int], solution: Iterable[int]) -> list[dict]:
+    """The answer as completion segments in which the givens are held (``train: false``): they sit
+    clean in the training canvas, as ``dgemma sudoku`` clamps them, and only blanks are supervised."""
+    segments: list[dict] = []
+    for given, digit in zip(puzzle, solution):
+        train = not given
+        if segments and segments[-1]["train"] == train:
+            segments[-1]["text"] += str(digit)
+        else:
+            segments.append(dict(text=str(digit), train=train))
+    return segments
+
+
 def write_jsonl(path: str | os.PathLike, seed: int, count: int, min_givens: int = 28, max_givens: int = 40,
-                variants: int = 1, progress: bool = False) -> Path:
+                variants: int = 1, hold_givens: bool = False, progress: bool = False) -> Path:
     """Writes ``count`` puzzles, each with ``variants`` symmetric copies (:func:`augment`; the first
-    is the puzzle itself), as prompt/completion JSONL plus the raw grids, atomically."""
+    is the puzzle itself), as prompt/completion JSONL plus the raw grids, atomically.
+
+    ``hold_givens``: the copies after the first hold their givens clean in the canvas
+    (:func:`completion_segments`); the first copy supervises every cell, so the model also learns
+    to read the givens from the prompt (what an unclamped sampler needs)."""
     from tqdm import tqdm
 
     path = Path(path)
@@ -209,7 +226,9 @@ def write_jsonl(path: str | os.PathLike, seed: int, count: int, min_givens: int 
             for base in tqdm(items, total=count, disable=not progress, desc="sudoku", unit="puzzle"):
                 for k in range(variants):
                     puzzle, solution = base if k == 0 else augment(*base, rng)
-                    record = dict(prompt=prompt_text(puzzle), completion=answer_text(solution),
+                    held = hold_givens and k > 0
+                    completion = completion_segments(puzzle, solution) if held else answer_text(solution)
+                    record = dict(prompt=prompt_text(puzzle), completion=completion,
                                   puzzle=grid_text(puzzle), solution=grid_text(solution))
                     f.write(json.dumps(record) + "\n")
         os.replace(tmp, path)
@@ -270,6 +289,19 @@ def read_answers(tokenizer, generated) -> list[list[int]]:
     return [[to_digit.get(int(t), 0) for t in row[:81]] + [0] * (81 - len(row[:81])) for row in generated]
 
 
+def clamp_ids(tokenizer, puzzles_: list[list[int]]) -> np.ndarray:
+    """[B, 82] ``generate(clamp_ids=...)`` for these puzzles: each given's digit token, EOS last,
+    -1 (free) on the blanks."""
+    from dgemma_jax.generation import FREE
+
+    digits = digit_ids(tokenizer)
+    grid = np.asarray(puzzles_, np.int64).reshape(len(puzzles_), 81)
+    clamp = np.full((len(puzzles_), 82), FREE, np.int64)
+    clamp[:, :81] = np.where(grid > 0, digits[grid], FREE)
+    clamp[:, 81] = tokenizer.eos_id
+    return clamp
+
+
 def solve_with_model(model, tokenizer, puzzles_: list[list[int]], *, clamp_givens: bool = True, seed: int = 0,
                      batch_size: int = 64, progress: bool = False, **sampler) -> tuple[list[list[int]], np.ndarray]:
     """Fills each puzzle with the model: one 82-token canvas (81 digits + EOS) per puzzle.
@@ -281,22 +313,15 @@ def solve_with_model(model, tokenizer, puzzles_: list[list[int]], *, clamp_given
     """
     from tqdm.auto import tqdm
 
-    from dgemma_jax.generation import FREE, generate
+    from dgemma_jax.generation import generate
 
     if model.config.canvas_length < 82:
         raise ValueError(f"canvas_length={model.config.canvas_length}: a Sudoku needs 82 (81 digits + EOS)")
-    digits = digit_ids(tokenizer)
-    eos = tokenizer.eos_id
     answers, steps = [], []
     for start in tqdm(range(0, len(puzzles_), batch_size), disable=not progress, desc="sudoku", unit="batch"):
         chunk = puzzles_[start:start + batch_size]
         prompt = encode_prompts(tokenizer, chunk)
-        clamp = None
-        if clamp_givens:
-            clamp = np.full((len(chunk), 82), FREE, np.int64)
-            for r, p in enumerate(chunk):
-                clamp[r, :81] = np.where(np.asarray(p) > 0, digits[np.asarray(p)], FREE)
-            clamp[:, 81] = eos
+        clamp = clamp_ids(tokenizer, chunk) if clamp_givens else None
         result = generate(model, prompt, max_new_tokens=82, seed=seed + start, clamp_ids=clamp, **sampler)
         answers.extend(read_answers(tokenizer, result.sequences[:, 82:]))
         steps.extend(result.steps[:, 0].tolist())

@@ -60,6 +60,20 @@ def test_write_jsonl_is_prompt_completion(tmp_path):
         assert r["completion"] == r["solution"] and r["prompt"] == sudoku.prompt_text(sudoku.parse_grid(r["puzzle"]))
 
 
+def test_write_jsonl_holds_the_givens_of_the_copies(tmp_path):
+    path = sudoku.write_jsonl(tmp_path / "s.jsonl", seed=3, count=2, variants=3, hold_givens=True)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for k, r in enumerate(records):
+        if k % 3 == 0:  # the puzzle itself supervises every cell
+            assert r["completion"] == r["solution"]
+            continue
+        segments, puzzle = r["completion"], r["puzzle"]
+        assert "".join(seg["text"] for seg in segments) == r["solution"]
+        trained = "".join(("1" if seg["train"] else "0") * len(seg["text"]) for seg in segments)
+        assert trained == "".join("1" if c == "0" else "0" for c in puzzle)  # blanks only
+        assert all(a["train"] != b["train"] for a, b in zip(segments, segments[1:]))  # runs are merged
+
+
 def test_cli_rejects_bad_lines_naming_them(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("0" * 81 + "\n\n" + "1" * 80 + "\n"))
     assert cli.main(["sudoku"]) == 1
@@ -80,3 +94,26 @@ def test_cli_solves_puzzles_without_touching_givens(monkeypatch, capsys):
     # puzzles (README); a broken model, tokenizer or sampler falls to ~0.1.
     scores = sudoku.score([p for p, _ in pairs], [s for _, s in pairs], answers)
     assert scores["givens_kept"] == 1.0 and scores["cell_accuracy"] > 0.35, scores
+
+
+@pytest.mark.slow
+def test_train_recipe_runs_every_stage_from_the_one_before(tmp_path):
+    """train/sudoku.py end to end on a tiny budget: assets, both stages, export, evaluation."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "train" / "sudoku.py"
+    spec = importlib.util.spec_from_file_location("train_sudoku", script)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    args = ["--out", str(tmp_path), "--puzzles", "4", "--eval-puzzles", "2", "--config.run.steps=2",
+            "--config.data.batch_size=4", "--config.run.save_every=1"]
+    assert recipe.main(args) == 0
+    first, second = recipe.STAGES
+    for stage in recipe.STAGES:
+        assert (tmp_path / stage.name / "export" / "config.json").is_file()
+    held = [json.loads(line)["completion"] for line in (tmp_path / second.name / "train.jsonl").open()]
+    assert isinstance(held[0], str) and all(isinstance(c, list) for c in held[1:second.variants])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["model"] == str(tmp_path / second.name / "export") and report["full_clamped"]["givens_kept"] == 1.0
+    assert recipe.main(args) == 0  # a second run finds every stage done

@@ -57,6 +57,32 @@ def test_prompt_completion_record(tmp_path, tok):
     assert row["loss_mask"].tolist() == [1.0, 1.0] + [0.0] * (L - 2)
 
 
+def test_completion_segments_hold_context_clean_and_unsupervised(tmp_path, tok):
+    segments = [dict(text="a b", train=False), dict(text="c"), dict(text="d", train=False)]
+    rows, _ = _load(_write(tmp_path, [dict(prompt="q", completion=segments)]), tok, num_canvases=2,
+                    supervise_padding=False)
+    row, p = rows[0], int(rows[0]["prompt_len"])
+    held, trained, held2 = tok.encode("a b"), tok.encode("c"), tok.encode("d")
+    response = held + trained + held2 + [tok.eos_id]
+    assert row["tokens"][p:p + len(response)].tolist() == response
+    expected = [0.0] * len(held) + [1.0] * len(trained) + [0.0] * len(held2) + [1.0]  # EOS is trained
+    assert row["loss_mask"].tolist() == expected + [0.0] * (2 * L - len(response))
+    # the objective never corrupts what is not supervised, so the held tokens stay clean
+    import jax
+
+    from dgemma_jax.training.objective import ObjectiveConfig, draw_noise
+
+    response_row = row["tokens"][None, p:p + 2 * L]
+    noise = draw_noise(jax.random.key(0), response_row, row["loss_mask"][None], 512, ObjectiveConfig(t_min=0.99))
+    held_at = row["loss_mask"][None] == 0
+    assert (np.asarray(noise.canvases)[held_at] == response_row[held_at]).all()
+    assert (np.asarray(noise.canvases)[~held_at] != response_row[~held_at]).any()
+    for bad, why in ((dict(text="x", train="no"), "segment 0"), ([], "non-empty list"),
+                     (dict(text="x", label=True), "segment 0")):
+        with pytest.raises(data.MalformedLine, match=why):
+            _load(_write(tmp_path, [dict(prompt="q", completion=bad if isinstance(bad, list) else [bad])]), tok)
+
+
 def test_malformed_lines_raise_with_line_number_or_are_counted(tmp_path, tok):
     good = dict(prompt="a", completion="b")
     path = _write(tmp_path, [good, "{not json", dict(messages=[dict(role="user", content="x")]), good])

@@ -3,19 +3,26 @@
     python train/sudoku.py --out runs/sudoku            # data + tokenizer, train, export, evaluate
     python train/sudoku.py --out runs/sudoku --install  # ... and copy the export into the package
 
-Steps (each skipped when its output exists, so an interrupted run continues; training resumes
-from its last checkpoint):
-  1. ``prepare``: tokenizer (Gemma 4 specials + the Sudoku cell tokens), chat template and
-     generation config in ``OUT/assets``; ``--puzzles`` unique-solution puzzles (28-40 givens,
-     generator seed ``--data-seed``), each with ``--variants`` symmetric copies, in ``OUT/train.jsonl``.
-  2. ``train``: ``configs/train/sudoku_scratch.py`` (any ``--config.x=y`` overrides pass through).
-  3. ``export``: HF snapshot in ``OUT/export``.
-  4. ``eval``: ``dgemma_jax.sudoku.evaluate`` on ``--eval-puzzles`` fresh puzzles (seed ``--eval-seed``).
+The recipe is two stages of ``configs/train/sudoku_scratch.py`` on ``configs/model/sudoku.py``
+(``STAGES`` below); each works in ``OUT/<stage>/`` and skips what it has already written, so an
+interrupted run continues (training resumes from its last checkpoint):
+
+  1. ``1-scratch``: from random weights on puzzles of generator seed 1, every cell supervised
+     (the model learns to read the givens from the prompt and the rules).
+  2. ``2-held-givens``: from stage 1's export, on puzzles of seed 2 whose symmetric copies hold
+     their givens clean in the canvas (``dgemma_jax.sudoku.completion_segments``), as
+     ``dgemma sudoku`` clamps them; the first copy of each puzzle still supervises every cell.
+
+The tokenizer (Gemma 4 specials + the Sudoku cell tokens), chat template and generation config go
+to ``OUT/assets``. The final export is ``OUT/<last stage>/export``; it is evaluated with
+``dgemma_jax.sudoku.evaluate`` on ``--eval-puzzles`` fresh puzzles (seed ``--eval-seed``).
+``--config.x=y`` overrides apply to every stage, after the stage's own settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -29,63 +36,106 @@ GENERATION_CONFIG = {
     "stability_threshold": 1, "confidence_threshold": 0.005, "eos_token_id": [1, 106, 50],
     "pad_token_id": 0, "bos_token_id": 2,
 }
-TRAIN_SEED, EVAL_SEED = 1, 20261124
+EVAL_SEED = 20261124
 
 
-def prepare(out: Path, puzzles: int, variants: int, seed: int, vocab_size: int) -> None:
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training stage: its data (``puzzles`` x ``variants`` from generator ``data_seed``) and
+    the optimizer settings it overrides; every stage after the first starts from the one before."""
+
+    name: str
+    data_seed: int
+    puzzles: int
+    hold_givens: bool
+    steps: int
+    lr: float
+    end_lr: float
+    variants: int = 8
+
+
+STAGES = (
+    Stage("1-scratch", data_seed=1, puzzles=8_000, hold_givens=False, steps=2_000, lr=2e-3, end_lr=1e-4),
+    Stage("2-held-givens", data_seed=2, puzzles=10_000, hold_givens=True, steps=4_400, lr=1e-3, end_lr=3e-5),
+)
+
+
+def prepare_assets(assets: Path, vocab_size: int) -> None:
     from dgemma_jax import sudoku
     from dgemma_jax.tokenizer import train_sentencepiece
 
-    assets = out / "assets"
-    if not (assets / "generation_config.json").is_file():
-        pkg = resources.files("dgemma_jax").joinpath("assets")
-        tmp = out / ".assets.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        train_sentencepiece([pkg.joinpath("default_corpus.txt").read_text(encoding="utf-8")], tmp / "tokenizer.model",
-                            vocab_size, extra_symbols=sudoku.cell_symbols())
-        (tmp / "chat_template.jinja").write_text(pkg.joinpath("chat_template.jinja").read_text(encoding="utf-8"))
-        (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
-        tmp.rename(assets)
-    data = out / "train.jsonl"
-    if not data.is_file():
-        t0 = time.perf_counter()
-        sudoku.write_jsonl(data, seed, puzzles, variants=variants, progress=True)
-        print(f"prepare: {puzzles} x {variants} puzzles in {time.perf_counter() - t0:.0f} s -> {data}")
+    if (assets / "generation_config.json").is_file():
+        return
+    pkg = resources.files("dgemma_jax").joinpath("assets")
+    tmp = assets.with_name(".assets.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    train_sentencepiece([pkg.joinpath("default_corpus.txt").read_text(encoding="utf-8")], tmp / "tokenizer.model",
+                        vocab_size, extra_symbols=sudoku.cell_symbols())
+    (tmp / "chat_template.jinja").write_text(pkg.joinpath("chat_template.jinja").read_text(encoding="utf-8"))
+    (tmp / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    tmp.rename(assets)
+
+
+def prepare_data(path: Path, stage: Stage, puzzles: int) -> None:
+    from dgemma_jax import sudoku
+
+    if path.is_file():
+        return
+    t0 = time.perf_counter()
+    sudoku.write_jsonl(path, stage.data_seed, puzzles, variants=stage.variants, hold_givens=stage.hold_givens,
+                       progress=True)
+    print(f"{stage.name}: {puzzles} x {stage.variants} puzzles in {time.perf_counter() - t0:.0f} s -> {path}")
+
+
+def train_stage(stage: Stage, out: Path, init: Path | None, puzzles: int, overrides: list[str]) -> Path:
+    """Runs (or resumes) one stage; returns its export directory."""
+    from dgemma_jax.configs_io import apply_overrides, load_config_file, load_model_config
+    from dgemma_jax.training.trainer import Trainer
+
+    work = out / stage.name
+    export = work / "export"
+    if (export / "config.json").is_file():
+        print(f"{stage.name}: done before -> {export}")
+        return export
+    cfg = load_config_file(ROOT / "configs/train/sudoku_scratch.py")
+    if init is None:
+        cfg.model.config, cfg.model.assets = str(ROOT / "configs/model/sudoku.py"), str(out / "assets")
+    else:
+        cfg.model.init, cfg.model.config, cfg.model.assets = str(init), "", ""
+    cfg.data.path = str(work / "train.jsonl")
+    cfg.run.out_dir = str(work / "train")
+    cfg.run.steps, cfg.optim.lr, cfg.optim.end_lr = stage.steps, stage.lr, stage.end_lr
+    apply_overrides(cfg, overrides)
+    if init is None:
+        prepare_assets(out / "assets", load_model_config(cfg.model.config).vocab_size)
+    prepare_data(work / "train.jsonl", stage, puzzles)
+
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg)
+    print(f"{stage.name}: data {trainer.data_stats}")
+    trainer.run(resume=True)
+    trainer.export(export)
+    print(f"{stage.name}: train + export {time.perf_counter() - t0:.0f} s -> {export}")
+    return export
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/sudoku"))
-    p.add_argument("--puzzles", type=int, default=8_000)
-    p.add_argument("--variants", type=int, default=8)
-    p.add_argument("--data-seed", type=int, default=TRAIN_SEED)
+    p.add_argument("--puzzles", type=int, default=None, help="puzzles per stage (default: the stage's own count)")
     p.add_argument("--eval-puzzles", type=int, default=200)
     p.add_argument("--eval-seed", type=int, default=EVAL_SEED)
     p.add_argument("--install", action="store_true", help="copy the export to dgemma_jax/assets/sudoku_model")
     args, overrides = p.parse_known_args(argv)
-    if args.data_seed == args.eval_seed:
-        p.error("--eval-seed must differ from --data-seed")
+    if args.eval_seed in {s.data_seed for s in STAGES}:
+        p.error(f"--eval-seed {args.eval_seed} is a training data seed")
 
     from dgemma_jax import sudoku
-    from dgemma_jax.configs_io import apply_overrides, load_config_file, load_model_config
-    from dgemma_jax.training.trainer import Trainer
 
-    cfg = load_config_file(ROOT / "configs/train/sudoku_scratch.py")
-    cfg.model.config = str(ROOT / "configs/model/sudoku.py")
-    cfg.model.assets = str(args.out / "assets")
-    cfg.data.path = str(args.out / "train.jsonl")
-    cfg.run.out_dir = str(args.out / "train")
-    apply_overrides(cfg, overrides)
-    prepare(args.out, args.puzzles, args.variants, args.data_seed, load_model_config(cfg.model.config).vocab_size)
-
-    export = args.out / "export"
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg)
-    print(f"data: {trainer.data_stats}")
-    trainer.run(resume=True)
-    trainer.export(export)
-    print(f"train + export: {time.perf_counter() - t0:.0f} s -> {export}")
+    export = None
+    for stage in STAGES:
+        export = train_stage(stage, args.out, export, args.puzzles or stage.puzzles, overrides)
 
     report = sudoku.evaluate(export, seed=args.eval_seed, count=args.eval_puzzles, progress=True)
     print(json.dumps(report, indent=2))

@@ -6,6 +6,10 @@ Each line of the JSONL file is one example, either
   everything up to the last model turn is the prompt, that turn's content + ``<turn|>`` is the
   response (the only supervised part); or
 * ``{"prompt": "...", "completion": "..."}``: prompt = BOS + prompt, response = completion + EOS.
+  ``completion`` may also be a list of segments ``{"text": "...", "train": false}`` (``train``
+  defaults to true): a segment with ``train: false`` is held clean in the canvas and not supervised,
+  i.e. it is context the model sees at its place in the canvas, as ``clamp_ids`` give it at
+  generation time (infilling, or Sudoku givens).
 
 A row is ``prompt | response canvases | padding`` (see :mod:`dgemma_jax.training.objective`):
 ``tokens`` [S = max_prompt_len + C*L], ``prompt_len`` [], ``loss_mask`` [C*L]. The response is padded
@@ -62,8 +66,26 @@ class MalformedLine(ValueError):
     """A JSONL line that is not a usable example; the message names the file and line."""
 
 
+def _completion(completion: Any, tokenizer: Tokenizer, eos_id: int) -> tuple[list[int], np.ndarray]:
+    """A completion string or segment list -> (response ids incl. EOS, trained [len] bool)."""
+    if isinstance(completion, str):
+        completion = [dict(text=completion)]
+    if not isinstance(completion, list) or not completion:
+        raise ValueError("'completion' must be a string or a non-empty list of {'text', 'train'} segments")
+    ids, trained = [], []
+    for k, segment in enumerate(completion):
+        if not isinstance(segment, dict) or not isinstance(segment.get("text"), str) \
+                or not isinstance(segment.get("train", True), bool) or set(segment) - {"text", "train"}:
+            raise ValueError(f"completion segment {k}: expected {{'text': str, 'train': bool}}, found {segment!r}")
+        piece = tokenizer.encode(segment["text"])
+        ids += piece
+        trained += [segment.get("train", True)] * len(piece)
+    return ids + [eos_id], np.asarray(trained + [True], bool)
+
+
 def _split(record: Any, tokenizer: Tokenizer, template: ChatTemplate | None, eos_id: int):
-    """One parsed JSON record -> (prompt ids, response ids incl. EOS). ValueError when unusable."""
+    """One parsed JSON record -> (prompt ids, response ids incl. EOS, trained [len(response)] bool
+    or None when all of it is). ValueError when unusable."""
     if not isinstance(record, dict):
         raise ValueError("expected a JSON object")
     if "messages" in record:
@@ -81,17 +103,18 @@ def _split(record: Any, tokenizer: Tokenizer, template: ChatTemplate | None, eos
         end_of_turn = tokenizer.token_to_id("<turn|>")
         if end_of_turn is None:
             raise ValueError("the tokenizer has no '<turn|>' token to end the model's turn")
-        return prompt, tokenizer.encode(messages[-1]["content"]) + [end_of_turn]
+        return prompt, tokenizer.encode(messages[-1]["content"]) + [end_of_turn], None
     if "prompt" in record and "completion" in record:
-        if not isinstance(record["prompt"], str) or not isinstance(record["completion"], str):
-            raise ValueError("'prompt' and 'completion' must be strings")
-        return [tokenizer.bos_id] + tokenizer.encode(record["prompt"]), tokenizer.encode(record["completion"]) + [eos_id]
+        if not isinstance(record["prompt"], str):
+            raise ValueError("'prompt' must be a string")
+        return [tokenizer.bos_id] + tokenizer.encode(record["prompt"]), *_completion(record["completion"], tokenizer, eos_id)
     raise ValueError("expected 'messages', or 'prompt' and 'completion'")
 
 
 def make_row(prompt: list[int], response: list[int], cfg: DataConfig, canvas_length: int, pad_id: int,
-             stats: DataStats) -> dict[str, np.ndarray] | None:
-    """Lays one example out as fixed-shape arrays; None when it is dropped as over-long."""
+             stats: DataStats, trained: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
+    """Lays one example out as fixed-shape arrays; None when it is dropped as over-long.
+    ``trained`` [len(response)] bool: which response tokens are supervised (default all)."""
     n = cfg.num_canvases * canvas_length
     too_long = len(prompt) > cfg.max_prompt_len or len(response) > n
     if too_long:
@@ -105,6 +128,8 @@ def make_row(prompt: list[int], response: list[int], cfg: DataConfig, canvas_len
     used = -(-len(response) // canvas_length) * canvas_length  # up to the end of the last canvas used
     mask = np.zeros(n, np.float32)
     mask[: used if cfg.supervise_padding else len(response)] = 1.0
+    if trained is not None:
+        mask[: len(response)] *= trained[: len(response)]
     tokens = np.full(cfg.max_prompt_len + n, pad_id, np.int32)
     tokens[: len(prompt)] = prompt
     tokens[len(prompt): len(prompt) + len(response)] = response
@@ -124,14 +149,14 @@ def load_rows(cfg: DataConfig, tokenizer: Tokenizer, template: ChatTemplate | No
             if not line.strip():
                 continue
             try:
-                prompt, response = _split(json.loads(line), tokenizer, template, eos_id)
+                prompt, response, trained = _split(json.loads(line), tokenizer, template, eos_id)
             except ValueError as e:  # json.JSONDecodeError is a ValueError
                 if not cfg.skip_malformed:
                     raise MalformedLine(f"{path}:{number}: {e}") from None
                 stats.malformed += 1
                 stats.first_malformed = stats.first_malformed or f"{path}:{number}: {e}"
                 continue
-            row = make_row(prompt, response, cfg, canvas_length, pad_id, stats)
+            row = make_row(prompt, response, cfg, canvas_length, pad_id, stats, trained)
             if row is not None:
                 rows.append(row)
     stats.examples = len(rows)
