@@ -174,7 +174,7 @@ def from_config(config: ModelConfig, seed: int = 0, dtype=DEFAULT_DTYPE, mesh: M
     Values are drawn on the host one tensor at a time (no per-shape XLA compiles) and placed
     directly with their sharding when ``mesh`` is given.
     """
-    abstract = nnx.eval_shape(lambda: DiffusionGemma(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype)))
+    abstract = nnx.eval_shape(lambda: DiffusionGemma(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype), mesh=mesh))
     rng = np.random.default_rng(seed)
     for _, var in nnx.iter_graph(abstract):
         if isinstance(var, nnx.Variable):
@@ -197,7 +197,7 @@ def from_pretrained(path, dtype=None, mesh: Mesh | None = None, rules=RULES, pro
     config, raw = load_hf_config(path)
     config = config.replace(**config_overrides) if config_overrides else config
     dtype = jnp.dtype(dtype or DEFAULT_DTYPE)
-    abstract = nnx.eval_shape(lambda: DiffusionGemma(config, rngs=nnx.Rngs(0), dtype=dtype))
+    abstract = nnx.eval_shape(lambda: DiffusionGemma(config, rngs=nnx.Rngs(0), dtype=dtype, mesh=mesh))
     sharding_of = (lambda var: variable_sharding(var, mesh, rules)) if mesh is not None else None
     if native.is_native(path):
         native.restore(path, abstract, dtype, sharding_of)

@@ -84,8 +84,8 @@ class ModelConfig:
                 raise ConfigError(f"num_heads={self.num_heads} is not a multiple of {name}={heads}")
         if self.hidden_activation not in _SUPPORTED_ACTIVATIONS:
             raise ConfigError(f"hidden_activation={self.hidden_activation!r} is not supported")
-        if self.moe_impl not in ("auto", "ragged", "tiled", "dense"):
-            raise ConfigError(f"moe_impl={self.moe_impl!r}: expected 'auto', 'ragged', 'tiled' or 'dense'")
+        if self.moe_impl not in ("auto", "ragged", "pallas", "tiled", "dense"):
+            raise ConfigError(f"moe_impl={self.moe_impl!r}: expected 'auto', 'ragged', 'pallas', 'tiled' or 'dense'")
         if self.attention_impl not in ("xla",):
             raise ConfigError(f"attention_impl={self.attention_impl!r}: expected 'xla'")
         rope = dict(self.rope)

@@ -70,7 +70,7 @@ class Attention(nnx.Module):
 class Block(nnx.Module):
     """Attention, then dense MLP and MoE side by side, each with its own norms; ``layer_scalar``."""
 
-    def __init__(self, config: ModelConfig, layer_type: str, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, config: ModelConfig, layer_type: str, *, rngs: nnx.Rngs, dtype=jnp.float32, mesh=None):
         h, eps = config.hidden_size, config.rms_norm_eps
 
         def norm():
@@ -79,17 +79,15 @@ class Block(nnx.Module):
         self.attn = Attention(config, layer_type, rngs=rngs, dtype=dtype)
         self.input_norm, self.post_attn_norm = norm(), norm()
         self.mlp = GatedMLP(config, rngs=rngs, dtype=dtype)
-        self.moe = MoE(config, rngs=rngs, dtype=dtype)
+        self.moe = MoE(config, rngs=rngs, dtype=dtype, mesh=mesh)
         self.pre_mlp_norm, self.post_mlp_norm = norm(), norm()  # dense MLP
         self.pre_moe_norm, self.post_moe_norm = norm(), norm()  # experts
         self.post_ffw_norm = norm()  # after the sum
         self.layer_scalar = param(rngs, (1,), (None,), dtype, init="ones", kind=Buffer)
 
     def feed_forward(self, x: jax.Array) -> jax.Array:
-        b, t, h = x.shape
         dense = self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
-        flat = x.reshape(b * t, h)
-        experts = self.moe(flat, self.pre_moe_norm(flat)).reshape(b, t, h)
+        experts = self.moe(x, self.pre_moe_norm(x))  # [B, T, H]
         return x + self.post_ffw_norm(dense + self.post_moe_norm(experts))
 
     def encode(self, x, positions, keys, values, start):
@@ -115,12 +113,13 @@ class SelfConditioning(nnx.Module):
 
 
 class DiffusionGemma(nnx.Module):
-    """The text backbone. Build with ``DiffusionGemma(config, rngs=nnx.Rngs(0))``."""
+    """The text backbone. Build with ``DiffusionGemma(config, rngs=nnx.Rngs(0))``. ``mesh``: the
+    mesh the parameters live on; the MoE layers run expert-parallel over it."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, mesh=None):
         self.config = config
         self.embedding = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype)
-        self.layers = nnx.List([Block(config, lt, rngs=rngs, dtype=dtype) for lt in config.layer_types])
+        self.layers = nnx.List([Block(config, lt, rngs=rngs, dtype=dtype, mesh=mesh) for lt in config.layer_types])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs, dtype=dtype)
         self.self_conditioning = SelfConditioning(config, rngs=rngs, dtype=dtype)
 

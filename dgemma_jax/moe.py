@@ -1,24 +1,38 @@
 """Mixture of experts: the exact router and the expert computation behind one interface.
 
-Back ends (``config.moe_impl``); the first two compute only the chosen experts:
+Back ends (``config.moe_impl``); all but ``dense`` compute only the chosen experts:
   ``ragged``: tokens sorted by expert, grouped matmuls with ``jax.lax.ragged_dot`` (native on GPU and
               TPU; XLA:CPU lowers it to a masked dense product over all experts).
+  ``pallas``: the same with the Pallas grouped matmul of ``pallas_kernels.grouped_matmul`` (Mosaic on
+              TPU, interpreted elsewhere; it has a custom VJP for training).
   ``tiled``:  tokens sorted by expert into tiles of one expert each; a loop over experts runs small
               matmuls over that expert's filled tiles only. The CPU back end (inference: its loops
               have data-dependent trip counts, so it has no reverse-mode gradient).
-  ``auto``:   ``tiled`` on CPU, ``ragged`` elsewhere.
   ``dense``:  every token through every expert, weighted by the (mostly zero) gate matrix. A test
               reference, and the CPU training back end (XLA:CPU's ``ragged_dot`` gradient is slower).
+  ``auto``:   ``pallas`` on TPU, ``ragged`` on GPU, ``tiled`` on CPU.
+
+Expert parallelism: on a mesh, the layer runs under ``shard_map``. Each device holds the experts of
+its ``expert`` shard; the tokens are gathered over ``expert`` (all-gather), every device routes them
+all and computes its own experts' share (an assignment to another shard's expert contributes zero),
+and the shares are summed back with a reduce-scatter over ``expert`` (a plain sum when the tokens
+are not split over ``expert``). Inside, the weights are whole on the ``fsdp``/``tensor`` axes.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
 
 from dgemma_jax.config import ModelConfig
 from dgemma_jax.layers import param, rms_norm
+from dgemma_jax.sharding import RULES, logical_to_spec
+
+EXPERT_AXIS = "expert"
 
 
 def _next_pow2(n: int) -> int:
@@ -29,12 +43,121 @@ def gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
 
 
-class MoE(nnx.Module):
-    """Router + ``num_experts`` gated-GELU experts of width ``moe_intermediate_size``."""
+def resolve_impl(impl: str) -> str:
+    """``auto`` -> the back end for the default device."""
+    if impl != "auto":
+        return impl
+    return {"tpu": "pallas", "gpu": "ragged"}.get(jax.default_backend(), "tiled")
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+
+def route(x: jax.Array, proj: jax.Array, scale: jax.Array, expert_scale: jax.Array, top_k: int, eps: float):
+    """x [N, H] (the residual stream) -> (weights [N, K] f32, expert ids [N, K] int32)."""
+    h = x.shape[-1]
+    z = rms_norm(x, None, eps) * scale * (h**-0.5)
+    probs = jax.nn.softmax((z @ proj).astype(jnp.float32), axis=-1)  # [N, E]
+    top_w, top_i = jax.lax.top_k(probs, top_k)
+    top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    return top_w * expert_scale[top_i].astype(jnp.float32), top_i
+
+
+def _sort_by_expert(key: jax.Array, num_local: int):
+    """key [N, K]: local expert, or ``num_local`` for an assignment to another shard's expert ->
+    (order [N*K] grouped by key, token of each [N*K], sorted keys [N*K], group sizes [num_local]).
+    Other shards' assignments sort last, after every local group."""
+    flat = key.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=num_local + 1)[:num_local].astype(jnp.int32)
+    return order, order // key.shape[1], flat[order], sizes
+
+
+def _combine(y: jax.Array, weights: jax.Array, order: jax.Array, token: jax.Array, n: int) -> jax.Array:
+    """Expert outputs y [N*K, H] in sorted order -> gate-weighted sum per token, float32 [N, H]."""
+    y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((n, y.shape[1]), jnp.float32).at[token].add(y)
+
+
+def _ragged(x, weights, key, gate, up, down):
+    order, token, _, sizes = _sort_by_expert(key, gate.shape[0])
+    xs = x[token]  # [N*K, H]; rows after the last local group come out zero
+    g = jax.lax.ragged_dot(xs, gate, sizes)
+    u = jax.lax.ragged_dot(xs, up, sizes)
+    y = jax.lax.ragged_dot(gelu_tanh(g) * u, down, sizes)  # [N*K, H]
+    return _combine(y, weights, order, token, x.shape[0])
+
+
+def _pallas(x, weights, key, gate, up, down):
+    from pallas_kernels.grouped_matmul import grouped_matmul
+
+    order, token, _, sizes = _sort_by_expert(key, gate.shape[0])
+    xs = x[token]
+    g = grouped_matmul(xs, gate, sizes, 0)
+    u = grouped_matmul(xs, up, sizes, 0)
+    y = grouped_matmul(gelu_tanh(g) * u, down, sizes, 0)
+    return _combine(y, weights, order, token, x.shape[0])
+
+
+def _tiled(x, weights, key, gate, up, down):
+    n, k = key.shape
+    e = gate.shape[0]
+    tile = int(min(128, max(8, _next_pow2(n * k // e))))
+    order, token, sorted_key, sizes = _sort_by_expert(key, e)
+    tiles = -(-sizes // tile)  # [E] tiles per expert; each group padded to whole tiles
+    first_tile = jnp.cumsum(tiles) - tiles
+    local = sorted_key < e
+    at = jnp.minimum(sorted_key, e - 1)
+    rank = jnp.arange(n * k) - (jnp.cumsum(sizes) - sizes)[at]
+    max_rows = -(-(n * k + e * (tile - 1)) // tile) * tile
+    dest = jnp.where(local, first_tile[at] * tile + rank, max_rows)  # [N*K] row in the tiled layout
+    xs = jnp.zeros((max_rows, x.shape[1]), x.dtype).at[dest].set(x[token], mode="drop")
+
+    def per_expert(i, ys):
+        g_i, u_i, d_i = gate[i], up[i], down[i]  # sliced once per expert
+
+        def per_tile(t, ys):
+            rows = jax.lax.dynamic_slice_in_dim(xs, t * tile, tile)
+            y = (gelu_tanh(rows @ g_i) * (rows @ u_i)) @ d_i
+            return jax.lax.dynamic_update_slice_in_dim(ys, y, t * tile, axis=0)
+
+        return jax.lax.fori_loop(first_tile[i], first_tile[i] + tiles[i], per_tile, ys)
+
+    ys = jax.lax.fori_loop(0, e, per_expert, jnp.zeros_like(xs))
+    y = jnp.take(ys, dest, axis=0, mode="fill", fill_value=0)
+    return _combine(y, weights, order, token, n)
+
+
+def _dense(x, weights, key, gate, up, down):
+    e = gate.shape[0]
+    gates = jnp.zeros((x.shape[0], e + 1), jnp.float32)
+    gates = gates.at[jnp.arange(x.shape[0])[:, None], key].add(weights)[:, :e]  # [N, E_local]
+    g = jnp.einsum("nh,ehi->eni", x, gate)
+    u = jnp.einsum("nh,ehi->eni", x, up)
+    y = jnp.einsum("eni,eih->enh", gelu_tanh(g) * u, down)
+    return jnp.einsum("enh,ne->nh", y.astype(jnp.float32), gates)
+
+
+EXPERTS = {"ragged": _ragged, "pallas": _pallas, "tiled": _tiled, "dense": _dense}
+
+
+def _moe(impl, top_k, eps, offset, x_route, x_expert, proj, scale, expert_scale, gate, up, down):
+    """Routes every token of x_route / x_expert [..., H] and computes the share of the experts
+    ``offset .. offset + len(gate)`` -> float32 [..., H]."""
+    shape = x_expert.shape
+    h = shape[-1]
+    weights, ids = route(x_route.reshape(-1, h), proj, scale, expert_scale, top_k, eps)
+    local = ids - offset
+    num_local = gate.shape[0]
+    key = jnp.where((local >= 0) & (local < num_local), local, num_local)
+    return EXPERTS[impl](x_expert.reshape(-1, h), weights, key, gate, up, down).reshape(shape)
+
+
+class MoE(nnx.Module):
+    """Router + ``num_experts`` gated-GELU experts of width ``moe_intermediate_size``. ``mesh``:
+    run expert-parallel over it (see the module docstring); None for one device."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, mesh: Mesh | None = None):
         e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
         self.config = config
+        self.mesh = mesh
         self.router_proj = param(rngs, (h, e), ("embed", None), dtype)
         self.router_scale = param(rngs, (h,), (None,), dtype, init="ones")
         self.per_expert_scale = param(rngs, (e,), (None,), dtype, init="ones")
@@ -43,76 +166,46 @@ class MoE(nnx.Module):
         self.down = param(rngs, (e, i, h), ("expert", "moe_mlp", "embed"), dtype)
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [N, H] (the residual stream) -> (weights [N, K] f32, expert ids [N, K] int32)."""
-        h = self.config.hidden_size
-        z = rms_norm(x, None, self.config.rms_norm_eps) * self.router_scale[...] * (h**-0.5)
-        scores = z @ self.router_proj[...]  # [N, E]
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-        top_w, top_i = jax.lax.top_k(probs, self.config.num_experts_per_tok)
-        top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
-        top_w = top_w * self.per_expert_scale[...][top_i].astype(jnp.float32)
-        return top_w, top_i
+        """x [N, H] -> (weights [N, K] f32, expert ids [N, K] int32)."""
+        return route(x, self.router_proj[...], self.router_scale[...], self.per_expert_scale[...],
+                     self.config.num_experts_per_tok, self.config.rms_norm_eps)
 
     def __call__(self, x_route: jax.Array, x_expert: jax.Array) -> jax.Array:
-        """x_route [N, H] picks the experts, x_expert [N, H] goes through them -> [N, H]."""
-        weights, ids = self.route(x_route)
-        impl = self.config.moe_impl
-        if impl == "auto":
-            impl = "tiled" if jax.default_backend() == "cpu" else "ragged"
-        out = {"dense": self._dense, "tiled": self._tiled, "ragged": self._ragged}[impl](x_expert, weights, ids)
+        """x_route [B, ..., H] picks the experts, x_expert [B, ..., H] goes through them -> [B, ..., H].
+        On a mesh, the leading (batch) dim is split as the activations' batch is."""
+        c = self.config
+        params = (self.router_proj[...], self.router_scale[...], self.per_expert_scale[...], self.gate[...],
+                  self.up[...], self.down[...])
+        run = functools.partial(_moe, resolve_impl(c.moe_impl), c.num_experts_per_tok, c.rms_norm_eps)
+        if self.mesh is None or self.mesh.size == 1:
+            out = run(0, x_route, x_expert, *params)
+        else:
+            out = _expert_parallel(run, self.mesh, c.num_experts, x_route, x_expert, params)
         return out.astype(x_expert.dtype)
 
-    def _sort_by_expert(self, ids: jax.Array):
-        """ids [N, K] -> (order [N*K] assignments grouped by expert, their token [N*K], group sizes [E])."""
-        flat_ids = ids.reshape(-1)
-        order = jnp.argsort(flat_ids, stable=True)
-        sizes = jnp.bincount(flat_ids, length=self.config.num_experts).astype(jnp.int32)
-        return order, order // ids.shape[1], sizes
 
-    @staticmethod
-    def _combine(y: jax.Array, weights: jax.Array, order: jax.Array, token: jax.Array, n: int) -> jax.Array:
-        """Expert outputs y [N*K, H] in sorted order -> gate-weighted sum per token, float32 [N, H]."""
-        y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-        return jnp.zeros((n, y.shape[1]), jnp.float32).at[token].add(y)
+def _expert_parallel(run, mesh: Mesh, num_experts: int, x_route, x_expert, params):
+    """``run`` under ``shard_map``: tokens split as activations' batch, experts over ``expert``."""
+    tokens = logical_to_spec(("batch",) + (None,) * (x_route.ndim - 1), x_route.shape, mesh, RULES)
+    axes = tokens[0] if isinstance(tokens[0], tuple) else (tokens[0],) if tokens[0] else ()
+    shards = mesh.shape.get(EXPERT_AXIS, 1)
+    experts = PartitionSpec(EXPERT_AXIS if num_experts % shards == 0 and shards > 1 else None)
+    split = experts[0] is not None
+    gathered = split and EXPERT_AXIS in axes
 
-    def _tiled(self, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
-        n, k = ids.shape
-        e = self.config.num_experts
-        tile = int(min(128, max(8, _next_pow2(n * k // e))))
-        order, token, sizes = self._sort_by_expert(ids)
-        sorted_ids = ids.reshape(-1)[order]
-        tiles = -(-sizes // tile)  # [E] tiles per expert; each group padded to whole tiles
-        first_tile = jnp.cumsum(tiles) - tiles
-        rank = jnp.arange(n * k) - (jnp.cumsum(sizes) - sizes)[sorted_ids]
-        dest = first_tile[sorted_ids] * tile + rank  # [N*K] row of each assignment in the tiled layout
-        max_rows = -(-(n * k + e * (tile - 1)) // tile) * tile
-        xs = jnp.zeros((max_rows, x.shape[1]), x.dtype).at[dest].set(x[token])
+    def local(x_route, x_expert, proj, scale, expert_scale, gate, up, down):
+        if gathered:  # every device of an expert group sees the same tokens
+            x_route = jax.lax.all_gather(x_route, EXPERT_AXIS, axis=0, tiled=True)
+            x_expert = jax.lax.all_gather(x_expert, EXPERT_AXIS, axis=0, tiled=True)
+        offset = jax.lax.axis_index(EXPERT_AXIS) * gate.shape[0] if split else 0
+        y = run(offset, x_route, x_expert, proj, scale, expert_scale, gate, up, down)
+        if gathered:
+            return jax.lax.psum_scatter(y, EXPERT_AXIS, scatter_dimension=0, tiled=True)
+        return jax.lax.psum(y, EXPERT_AXIS) if split else y
 
-        def per_expert(i, ys):
-            gate, up, down = self.gate[i], self.up[i], self.down[i]  # sliced once per expert
-
-            def per_tile(t, ys):
-                rows = jax.lax.dynamic_slice_in_dim(xs, t * tile, tile)
-                y = (gelu_tanh(rows @ gate) * (rows @ up)) @ down
-                return jax.lax.dynamic_update_slice_in_dim(ys, y, t * tile, axis=0)
-
-            return jax.lax.fori_loop(first_tile[i], first_tile[i] + tiles[i], per_tile, ys)
-
-        ys = jax.lax.fori_loop(0, e, per_expert, jnp.zeros_like(xs))
-        return self._combine(ys[dest], weights, order, token, n)
-
-    def _ragged(self, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
-        order, token, sizes = self._sort_by_expert(ids)
-        xs = x[token]  # [N*K, H]
-        g = jax.lax.ragged_dot(xs, self.gate[...], sizes)
-        u = jax.lax.ragged_dot(xs, self.up[...], sizes)
-        y = jax.lax.ragged_dot(gelu_tanh(g) * u, self.down[...], sizes)  # [N*K, H]
-        return self._combine(y, weights, order, token, ids.shape[0])
-
-    def _dense(self, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
-        gates = jnp.zeros((x.shape[0], self.config.num_experts), jnp.float32)
-        gates = gates.at[jnp.arange(x.shape[0])[:, None], ids].add(weights)  # [N, E]
-        g = jnp.einsum("nh,ehi->eni", x, self.gate[...])
-        u = jnp.einsum("nh,ehi->eni", x, self.up[...])
-        y = jnp.einsum("eni,eih->enh", gelu_tanh(g) * u, self.down[...])
-        return jnp.einsum("enh,ne->nh", y.astype(jnp.float32), gates)
+    replicated = PartitionSpec()
+    return jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(tokens, tokens, replicated, replicated, replicated, experts, experts, experts),
+        out_specs=tokens, check_vma=False,
+    )(x_route, x_expert, *params)

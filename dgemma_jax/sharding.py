@@ -16,9 +16,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # Default layout: experts over "expert", the model dimension over "fsdp", MLP/heads over "tensor",
-# activations' batch over "data" (+ "fsdp").
+# activations' batch over "data" (+ "fsdp", + "expert" when it divides: the MoE layers gather the
+# tokens of an expert group and scatter the results back).
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("q_heads", "tensor"),

@@ -16,7 +16,7 @@ def _moe(impl, experts=8, top_k=2):
     return MoE(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "tiled"])
+@pytest.mark.parametrize("impl", ["ragged", "pallas", "tiled"])
 @pytest.mark.parametrize("tokens", [1, 7, 64])
 def test_routed_equals_dense(impl, tokens):
     x = jax.random.normal(jax.random.key(tokens), (tokens, 24))
@@ -24,7 +24,7 @@ def test_routed_equals_dense(impl, tokens):
     np.testing.assert_allclose(np.asarray(routed(x, x)), np.asarray(dense(x, x)), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "tiled"])
+@pytest.mark.parametrize("impl", ["ragged", "pallas", "tiled"])
 def test_all_tokens_on_one_expert(impl):
     """Empty groups everywhere but one, and a group larger than a tile."""
     dense, routed = _moe("dense", top_k=1), _moe(impl, top_k=1)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from dgemma_jax.api import Model, from_config, from_pretrained
 from dgemma_jax.chat import ChatTemplate
 from dgemma_jax.configs_io import load_model_config
+from dgemma_jax.moe import resolve_impl
 from dgemma_jax.sharding import RULES, logical_to_spec, make_mesh
 from dgemma_jax.tokenizer import Tokenizer
 from dgemma_jax.training import data as data_lib
@@ -60,11 +61,11 @@ def build_optimizer(optim: ml_collections.ConfigDict, steps: int) -> tuple[optax
 def training_moe_impl(name: str) -> str:
     """The MoE back end to train with: ``auto`` is ``dense`` on CPU (XLA:CPU runs ``ragged_dot`` and its
     gradient as masked dense products, 2.3x slower than the plain dense one in bench/train.py) and
-    ``ragged`` elsewhere. ``tiled`` has no gradient."""
+    what inference picks elsewhere (``pallas`` on TPU, ``ragged`` on GPU). ``tiled`` has no gradient."""
     if name == "tiled":
-        raise TrainError("model.moe_impl='tiled' has no gradient; use 'auto', 'ragged' or 'dense'")
+        raise TrainError("model.moe_impl='tiled' has no gradient; use 'auto', 'ragged', 'pallas' or 'dense'")
     if name == "auto":
-        return "dense" if jax.default_backend() == "cpu" else "ragged"
+        return "dense" if jax.default_backend() == "cpu" else resolve_impl(name)
     return name
 
 
