@@ -1,4 +1,6 @@
-"""Attention masks of the two passes and the attention back ends.
+"""Attention masks of the two passes and the attention back ends (``config.attention_impl``):
+``xla`` (dense masks, einsums) and ``pallas`` (``pallas_kernels.attention``: flash-style, masks
+computed per block, empty blocks skipped; Mosaic on TPU, interpreted elsewhere).
 
 Encoder pass (causal): a token at position p sees cache positions k <= p; on sliding layers also
 k > p - window.
@@ -10,8 +12,13 @@ cache positions k < length; on sliding layers only the last ``window - 1`` of th
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from dgemma_jax.sharding import RULES, logical_to_spec
 
 
 def encoder_mask(positions: jax.Array, cache_size: int, window: int | None) -> jax.Array:
@@ -35,13 +42,11 @@ def canvas_mask(length: jax.Array, cache_size: int, canvas_len: int, window: int
     return jnp.concatenate([cached, canvas], axis=1)[:, None, :]
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "xla") -> jax.Array:
-    """Grouped-query attention with scale 1.0 (q and k are RMS-normed).
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention with scale 1.0 (q and k are RMS-normed), XLA.
 
     q [B, T, N, D], k/v [B, S, K, D] (N a multiple of K), mask [B, T or 1, S] -> [B, T, N, D].
     """
-    if impl != "xla":
-        raise ValueError(f"attention_impl={impl!r} is not available")
     b, t, n, d = q.shape
     kh = k.shape[2]
     qg = q.reshape(b, t, kh, n // kh, d)  # [B, T, K, G, D]
@@ -50,3 +55,33 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str 
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, n, d)
+
+
+def _pallas(mesh, q, k, v, offsets, **mask):
+    """The Pallas kernel; on a mesh under ``shard_map`` over the batch (Mosaic kernels must be)."""
+    from pallas_kernels.attention import flash_attention
+
+    run = functools.partial(flash_attention, **mask)
+    if mesh is None or mesh.size == 1:
+        return run(q, k, v, offsets)
+    spec = logical_to_spec(("batch",), q.shape[:1], mesh, RULES)
+    return jax.shard_map(run, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)(q, k, v, offsets)
+
+
+def attend_causal(q, keys, values, start, window: int | None, impl: str = "xla", mesh: Mesh | None = None):
+    """Encoder pass: q [B, T, N, D] at positions ``start + t``, keys/values [B, S, K, D] (the cache,
+    these tokens' K/V already written) -> [B, T, N, D]."""
+    if impl == "pallas":
+        return _pallas(mesh, q, keys, values, start, kind="causal", window=window)
+    positions = start[:, None] + jnp.arange(q.shape[1], dtype=jnp.int32)[None, :]
+    return attend(q, keys, values, encoder_mask(positions, keys.shape[1], window))
+
+
+def attend_canvas(q, keys, values, k, v, length, window: int | None, impl: str = "xla", mesh: Mesh | None = None):
+    """Canvas pass: q/k/v [B, L, *, D] of the canvas over ``concat(cache keys/values [B, S, K, D], k/v)``
+    with ``length`` [B] filled cache slots -> [B, L, N, D]."""
+    all_k = jnp.concatenate([keys.astype(k.dtype), k], axis=1)
+    all_v = jnp.concatenate([values.astype(v.dtype), v], axis=1)
+    if impl == "pallas":
+        return _pallas(mesh, q, all_k, all_v, length, kind="canvas", window=window, cache_size=keys.shape[1])
+    return attend(q, all_k, all_v, canvas_mask(length, keys.shape[1], k.shape[1], window))

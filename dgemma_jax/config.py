@@ -86,8 +86,8 @@ class ModelConfig:
             raise ConfigError(f"hidden_activation={self.hidden_activation!r} is not supported")
         if self.moe_impl not in ("auto", "ragged", "pallas", "tiled", "dense"):
             raise ConfigError(f"moe_impl={self.moe_impl!r}: expected 'auto', 'ragged', 'pallas', 'tiled' or 'dense'")
-        if self.attention_impl not in ("xla",):
-            raise ConfigError(f"attention_impl={self.attention_impl!r}: expected 'xla'")
+        if self.attention_impl not in ("xla", "pallas"):
+            raise ConfigError(f"attention_impl={self.attention_impl!r}: expected 'xla' or 'pallas'")
         rope = dict(self.rope)
         for lt in set(self.layer_types):
             if lt not in rope:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dgemma_jax.attention import attend, canvas_mask, encoder_mask
+from dgemma_jax.attention import attend_canvas, attend_causal
 from dgemma_jax.cache import KVCache, write_rows
 from dgemma_jax.config import SLIDING, ModelConfig
 from dgemma_jax.layers import Buffer, GatedMLP, RMSNorm, apply_rope, param, rms_norm, rope_frequencies
@@ -24,10 +24,11 @@ class Attention(nnx.Module):
     """q/k/v projections with q/k/v RMSNorm and RoPE. Full layers have no v_proj: V is the raw key
     projection, normed without scale (K = V)."""
 
-    def __init__(self, config: ModelConfig, layer_type: str, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, config: ModelConfig, layer_type: str, *, rngs: nnx.Rngs, dtype=jnp.float32, mesh=None):
         h, n = config.hidden_size, config.num_heads
         d, kh = config.layer_head_dim(layer_type), config.layer_kv_heads(layer_type)
         self.config = config
+        self.mesh = mesh  # the Pallas kernel runs under shard_map on it
         self.window = config.sliding_window if layer_type == SLIDING else None
         self.rope, self.head_dim = config.rope_for(layer_type), d  # static: frequencies are constants
         self.q_proj = param(rngs, (h, n, d), ("embed", "q_heads", "head_dim"), dtype)
@@ -54,17 +55,13 @@ class Attention(nnx.Module):
         """Causal pass. Writes K/V at ``start`` [B]; returns (output, keys, values)."""
         q, k, v = self.qkv(x, positions)
         keys, values = write_rows(keys, k, start), write_rows(values, v, start)
-        mask = encoder_mask(positions, keys.shape[1], self.window)
-        o = attend(q, keys, values, mask, self.config.attention_impl)
+        o = attend_causal(q, keys, values, start, self.window, self.config.attention_impl, self.mesh)
         return self.out(o), keys, values
 
     def denoise(self, x, positions, keys, values, length):
         """Bidirectional canvas pass over ``concat(cache, canvas)``; the cache is not modified."""
         q, k, v = self.qkv(x, positions)
-        all_k = jnp.concatenate([keys.astype(k.dtype), k], axis=1)
-        all_v = jnp.concatenate([values.astype(v.dtype), v], axis=1)
-        mask = canvas_mask(length, keys.shape[1], x.shape[1], self.window)
-        return self.out(attend(q, all_k, all_v, mask, self.config.attention_impl))
+        return self.out(attend_canvas(q, keys, values, k, v, length, self.window, self.config.attention_impl, self.mesh))
 
 
 class Block(nnx.Module):
@@ -76,7 +73,7 @@ class Block(nnx.Module):
         def norm():
             return RMSNorm(h, eps, rngs=rngs, dtype=dtype)
 
-        self.attn = Attention(config, layer_type, rngs=rngs, dtype=dtype)
+        self.attn = Attention(config, layer_type, rngs=rngs, dtype=dtype, mesh=mesh)
         self.input_norm, self.post_attn_norm = norm(), norm()
         self.mlp = GatedMLP(config, rngs=rngs, dtype=dtype)
         self.moe = MoE(config, rngs=rngs, dtype=dtype, mesh=mesh)

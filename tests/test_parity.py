@@ -105,3 +105,21 @@ def test_moe_back_ends_match_dense_reference(tmp_path, impl):
     want = oracle.canvas_logits(ref, prompt, canvas)
     np.testing.assert_allclose(np.asarray(dense.canvas_logits(prompt, canvas)), want, rtol=0, atol=ATOL)
     np.testing.assert_allclose(np.asarray(routed.canvas_logits(prompt, canvas)), want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["top1_odd", "five_to_one"])
+def test_pallas_back_ends_match_transformers(tmp_path, name):
+    """moe_impl=pallas + attention_impl=pallas (interpret mode here): encoder and canvas logits equal
+    transformers' (and so the XLA path's), with prompts shorter and longer than the sliding window."""
+    ref = oracle.build(seed=3, **CONFIGS[name])
+    path = oracle.save(ref, tmp_path / "ckpt")
+    ours = dgemma_jax.from_pretrained(path, dtype="float32", moe_impl="pallas", attention_impl="pallas")
+    rng = np.random.default_rng(4)
+    vocab, canvas_len = ref.config.text_config.vocab_size, ref.config.canvas_length
+    for t in _prompt_lengths(ref):
+        prompt = rng.integers(0, vocab, (2, t))
+        canvas = rng.integers(0, vocab, (2, canvas_len))
+        np.testing.assert_allclose(np.asarray(ours.canvas_logits(prompt, canvas)), oracle.canvas_logits(ref, prompt, canvas),
+                                   rtol=0, atol=ATOL, err_msg=f"canvas T={t}")
+        np.testing.assert_allclose(np.asarray(ours.encoder_logits(prompt)), oracle.encoder_logits(ref, prompt),
+                                   rtol=0, atol=ATOL, err_msg=f"encoder T={t}")

@@ -73,10 +73,11 @@ def test_generate_on_mesh_equals_single_device(hf, shape):
     np.testing.assert_array_equal(b.steps, a.steps)
 
 
-def test_moe_layer_is_expert_parallel_on_a_mesh(hf):
-    """shard_map with the tokens gathered over ``expert`` and scattered back; experts stay sharded."""
+def test_pallas_back_ends_on_a_mesh(hf):
+    """Both kernels under shard_map: the MoE layer gathers the tokens over ``expert`` and scatters the
+    results back (experts stay sharded); the logits equal the single-device XLA ones."""
     sharded = dgemma_jax.from_pretrained(hf[1], dtype="float32", mesh=make_mesh({"fsdp": 2, "expert": 4}),
-                                         moe_impl="pallas")
+                                         moe_impl="pallas", attention_impl="pallas")
     moe = sharded.module.layers[0].moe
     x = jax.device_put(np.ones((8, 3, moe.config.hidden_size), np.float32))
     hlo = jax.jit(lambda x: moe(x, x)).lower(x).as_text()
