@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dgemma_jax import cli_train
 
     cli_train.add_parsers(sub)
+    from dgemma_jax import cli_plan
+
+    cli_plan.add_parsers(sub)
     return parser
 
 

@@ -43,11 +43,11 @@ def gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
 
 
-def resolve_impl(impl: str) -> str:
-    """``auto`` -> the back end for the default device."""
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """``auto`` -> the back end for ``platform`` (default: the default backend's)."""
     if impl != "auto":
         return impl
-    return {"tpu": "pallas", "gpu": "ragged"}.get(jax.default_backend(), "tiled")
+    return {"tpu": "pallas", "gpu": "ragged"}.get(platform or jax.default_backend(), "tiled")
 
 
 def route(x: jax.Array, proj: jax.Array, scale: jax.Array, expert_scale: jax.Array, top_k: int, eps: float):
@@ -176,7 +176,8 @@ class MoE(nnx.Module):
         c = self.config
         params = (self.router_proj[...], self.router_scale[...], self.per_expert_scale[...], self.gate[...],
                   self.up[...], self.down[...])
-        run = functools.partial(_moe, resolve_impl(c.moe_impl), c.num_experts_per_tok, c.rms_norm_eps)
+        platform = self.mesh.devices.flat[0].platform if self.mesh is not None else None
+        run = functools.partial(_moe, resolve_impl(c.moe_impl, platform), c.num_experts_per_tok, c.rms_norm_eps)
         if self.mesh is None or self.mesh.size == 1:
             out = run(0, x_route, x_expert, *params)
         else:

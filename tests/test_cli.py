@@ -170,7 +170,7 @@ def test_help_lists_only_working_commands(capsys):
         cli.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for command in ("convert", "info", "generate", "chat", "infill", "sudoku", "train", "plot"):
+    for command in ("convert", "info", "generate", "chat", "infill", "sudoku", "train", "plot", "plan"):
         assert command in out
     assert "serve" not in out  # not built yet
 

@@ -1,0 +1,216 @@
+"""Memory and time plan without weights: ahead-of-time compile of the model's programs for a mesh.
+
+The parameters, the KV cache and the inputs are ``jax.ShapeDtypeStruct`` s carrying the shardings
+the model's rules give them on the mesh, so nothing is allocated. The mesh is either real devices
+or a TPU topology (``jax.experimental.topologies``; needs ``jax[tpu]``'s libtpu, no TPU), e.g.
+``v5e:2x4``. For each program, XLA reports per-chip memory (``memory_analysis``) and its cost model
+(``cost_analysis``: flops, bytes accessed and, on TPU, estimated seconds); the collectives in the
+compiled HLO give the communication volume per chip.
+
+Programs: ``canvas`` (one denoising forward pass of a canvas over the cache), ``loop`` (a canvas's
+whole denoising loop and its commit, as ``generate`` runs it, with ``steps`` passes), ``train``
+(one LoRA step of ``configs/train/lora_26b_sft.py``'s recipe: rank 16 on attention + dense MLP,
+remat, the context split into ``context / canvas`` canvases... see :func:`plan`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dgemma_jax.cache import KVCache
+from dgemma_jax.config import ModelConfig
+from dgemma_jax.model import DiffusionGemma
+from dgemma_jax.sharding import RULES, logical_to_spec, make_mesh, variable_sharding
+
+# HBM per chip and its bandwidth (public spec sheets), for the weight-read floor.
+CHIPS = {"TPU v5 lite": (16e9, 819e9), "NVIDIA H100 80GB HBM3": (80e9, 3.35e12)}
+PROGRAMS = ("canvas", "loop", "train")
+_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+                         r"(-start)?\(")
+_SHAPE = re.compile(r"(bf16|f16|f32|s32|u32|s8|u8|f8e4m3fn|pred)\[([0-9,]*)\]")
+_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "f8e4m3fn": 1, "pred": 1}
+
+
+@dataclasses.dataclass
+class PlanRow:
+    program: str
+    mesh: str
+    batch: int
+    context: int
+    argument_gb: float  # per chip: weights (+ optimizer state) + cache + inputs
+    temp_gb: float
+    output_gb: float
+    peak_gb: float  # arguments + temporaries + outputs not aliased to arguments
+    hbm_gb: float | None
+    flops: float
+    bytes_accessed: float
+    seconds: float | None  # XLA's estimate (TPU cost model); None where the backend gives none
+    weight_floor_s: float | None  # per-chip weight bytes / HBM bandwidth
+    comm_gb: float  # per chip: bytes produced by collectives in the compiled program
+    compile_s: float
+
+
+def topology_devices(name: str):
+    """``"v5e:2x4"`` -> the TPU devices of that topology (compile-only; needs libtpu)."""
+    from jax.experimental import topologies
+
+    return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+
+
+def _abstract_state(config: ModelConfig, dtype, mesh: Mesh, rules=RULES):
+    """-> (graphdef, state, module): every parameter a ShapeDtypeStruct with its sharding on ``mesh``."""
+    abstract = nnx.eval_shape(lambda: DiffusionGemma(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype), mesh=mesh))
+    for _, var in nnx.iter_graph(abstract):
+        if isinstance(var, nnx.Variable):
+            var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=variable_sharding(var, mesh, rules)))
+    graphdef, state = nnx.split(abstract)
+    return graphdef, state, abstract
+
+
+def _batch_sharded(shape, dtype, mesh: Mesh):
+    spec = logical_to_spec(("batch",) + (None,) * (len(shape) - 1), shape, mesh, RULES)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+
+def _replicated(x, mesh: Mesh):
+    x = jnp.asarray(x) if not hasattr(x, "shape") else x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+
+def _abstract_cache(config: ModelConfig, batch: int, size: int, dtype, mesh: Mesh) -> KVCache:
+    cache = jax.eval_shape(lambda: KVCache.create(config, batch, size, dtype))
+    return jax.tree.map(lambda x: _batch_sharded(x.shape, x.dtype, mesh), cache)
+
+
+def _collective_bytes(hlo: str) -> int:
+    total = 0
+    for match in _COLLECTIVE.finditer(hlo):
+        for dt, dims in _SHAPE.findall(match.group(1)):
+            total += _BYTES[dt] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+    return total
+
+
+def _lower_canvas(config, graphdef, state, mesh, batch, context, dtype):
+    def canvas_step(state, canvas, cache, sc_logits):
+        return nnx.merge(graphdef, state).denoise(canvas, cache, sc_logits, jnp.ones((canvas.shape[0],), bool))
+
+    length = config.canvas_length
+    args = (state, _batch_sharded((batch, length), jnp.int32, mesh),
+            _abstract_cache(config, batch, context, dtype, mesh),
+            _batch_sharded((batch, length, config.vocab_size), dtype, mesh))
+    return jax.jit(canvas_step).lower(*args)
+
+
+def _lower_loop(config, graphdef, state, mesh, batch, context, dtype, steps):
+    from dgemma_jax.generation import _denoise_and_commit
+    from dgemma_jax.sampling import SamplerConfig
+
+    length = config.canvas_length
+    row_keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
+    args = (graphdef, state, _abstract_cache(config, batch, context, dtype, mesh),
+            _batch_sharded(row_keys.shape, row_keys.dtype, mesh), _replicated(jnp.int32(0), mesh),
+            _batch_sharded((batch,), bool, mesh), _batch_sharded((batch, length), jnp.int32, mesh),
+            _replicated(jnp.asarray(True), mesh), _replicated(jnp.asarray(config.eos_token_ids, jnp.int32), mesh),
+            _replicated(jnp.int32(0), mesh))
+    return _denoise_and_commit.lower(*args, sampler=SamplerConfig(max_denoising_steps=steps), with_hook=False)
+
+
+def _lower_train(config, abstract, mesh, batch, context, rank):
+    import optax
+
+    from dgemma_jax.training import lora as lora_lib
+    from dgemma_jax.training.objective import ObjectiveConfig
+    from dgemma_jax.training.trainer import make_train_step
+
+    lora_cfg = lora_lib.LoraConfig(rank, 2.0 * rank, ("attn", "mlp"))
+    graphdef, frozen, rest = nnx.split(abstract, nnx.Param, ...)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    adapters = jax.eval_shape(lambda p: lora_lib.init(p, lora_cfg, seed=0), frozen)
+    adapters = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), adapters)
+    tx = optax.adamw(1.5e-4, b1=0.95, b2=0.99, weight_decay=1e-4)
+    opt_state = jax.eval_shape(lambda a: tx.init(jax.tree.map(lambda x: x.astype(jnp.float32), a)), adapters)
+    opt_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), opt_state)
+    n = context // config.canvas_length * config.canvas_length  # response canvases after a prompt
+    prompt = context - n if context > n else config.canvas_length
+    train_batch = dict(tokens=_batch_sharded((batch, prompt + n), jnp.int32, mesh),
+                       prompt_len=_batch_sharded((batch,), jnp.int32, mesh),
+                       loss_mask=_batch_sharded((batch, n), jnp.float32, mesh))
+    def step(adapters, opt_state, frozen, batch, key, rest):  # ``rest`` (buffers) as an argument, not a constant
+        run = make_train_step(graphdef, rest, tx, ObjectiveConfig(), lora_cfg, 1, config.vocab_size)
+        return run(adapters, opt_state, frozen, batch, key)
+
+    key = _replicated(jax.eval_shape(lambda: jax.random.key(0)), mesh)
+    return jax.jit(step).lower(adapters, opt_state, frozen, train_batch, key, rest)
+
+
+def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | None = None, batch: int = 1,
+         context: int = 4096, programs=PROGRAMS, dtype="bfloat16", steps: int = 16, lora_rank: int = 16,
+         progress=print) -> list[PlanRow]:
+    """Compiles ``programs`` for the mesh ``mesh_shape`` over ``topology``'s devices (or this
+    machine's) and reads their per-chip memory and cost. ``context``: KV-cache positions (serving)
+    or tokens per training row. ``config``'s back ends are used as given (e.g. ``pallas`` on TPU)."""
+    devices = topology_devices(topology) if topology else jax.devices()
+    mesh = make_mesh(mesh_shape, devices)
+    from dgemma_jax.training.trainer import training_moe_impl
+
+    platform = devices[0].platform
+    train_config = config.replace(remat=True, moe_impl=training_moe_impl(config.moe_impl, platform))
+    graphdef, state, abstract = _abstract_state(config, dtype, mesh)
+    kind = devices[0].device_kind
+    hbm, bandwidth = CHIPS.get(kind, (None, None))
+    weight_bytes = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+                       for x in jax.tree.leaves(state))
+    rows = []
+    name = ",".join(f"{k}={v}" for k, v in mesh_shape.items())
+    for program in programs:
+        t0 = time.perf_counter()
+        if program == "canvas":
+            lowered = _lower_canvas(config, graphdef, state, mesh, batch, context, dtype)
+        elif program == "loop":
+            lowered = _lower_loop(config, graphdef, state, mesh, batch, context, dtype, steps)
+        elif program == "train":
+            _, _, abstract_train = _abstract_state(train_config, dtype, mesh)
+            lowered = _lower_train(train_config, abstract_train, mesh, batch, context, lora_rank)
+        else:
+            raise ValueError(f"program {program!r}: expected one of {PROGRAMS}")
+        compiled = lowered.compile()
+        seconds = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        cost = compiled.cost_analysis()
+        cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+        est = cost.get("optimal_seconds")
+        gb = 1e-9
+        peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+        row = PlanRow(
+            program=program, mesh=name, batch=batch, context=context,
+            argument_gb=mem.argument_size_in_bytes * gb, temp_gb=mem.temp_size_in_bytes * gb,
+            output_gb=mem.output_size_in_bytes * gb, peak_gb=peak * gb, hbm_gb=hbm * gb if hbm else None,
+            flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+            seconds=est if est is not None and est > 0 else None,
+            weight_floor_s=weight_bytes / bandwidth if bandwidth else None,
+            comm_gb=_collective_bytes(compiled.as_text()) * gb, compile_s=seconds,
+        )
+        progress(format_row(row))
+        rows.append(row)
+    return rows
+
+
+HEADER = (f"{'program':<8}{'mesh':<22}{'batch':>6}{'context':>8}{'args GB':>9}{'temp GB':>9}{'peak GB':>9}"
+          f"{'HBM GB':>8}{'TFLOP':>8}{'est ms':>9}{'floor ms':>9}{'comm GB':>9}{'compile s':>10}")
+
+
+def format_row(r: PlanRow) -> str:
+    def opt(x, scale=1.0, fmt="{:.2f}"):
+        return "-" if x is None else fmt.format(x * scale)
+
+    return (f"{r.program:<8}{r.mesh:<22}{r.batch:>6}{r.context:>8}{r.argument_gb:>9.2f}{r.temp_gb:>9.2f}"
+            f"{r.peak_gb:>9.2f}{opt(r.hbm_gb, fmt='{:.0f}'):>8}{r.flops * 1e-12:>8.2f}{opt(r.seconds, 1e3):>9}"
+            f"{opt(r.weight_floor_s, 1e3):>9}{r.comm_gb:>9.3f}{r.compile_s:>10.1f}")
