@@ -76,24 +76,23 @@ def _combine(y: jax.Array, weights: jax.Array, order: jax.Array, token: jax.Arra
     return jnp.zeros((n, y.shape[1]), jnp.float32).at[token].add(y)
 
 
-def _ragged(x, weights, key, gate, up, down):
-    order, token, _, sizes = _sort_by_expert(key, gate.shape[0])
-    xs = x[token]  # [N*K, H]; rows after the last local group come out zero
-    g = jax.lax.ragged_dot(xs, gate, sizes)
-    u = jax.lax.ragged_dot(xs, up, sizes)
-    y = jax.lax.ragged_dot(gelu_tanh(g) * u, down, sizes)  # [N*K, H]
-    return _combine(y, weights, order, token, x.shape[0])
+def _grouped(matmul):
+    """A back end from a grouped matmul ``(rows [M, H], weights [E, H, I], group sizes [E]) -> [M, I]``
+    over rows sorted by expert; rows after the last local group come out zero."""
+
+    def experts(x, weights, key, gate, up, down):
+        order, token, _, sizes = _sort_by_expert(key, gate.shape[0])
+        xs = x[token]  # [N*K, H]
+        y = matmul(gelu_tanh(matmul(xs, gate, sizes)) * matmul(xs, up, sizes), down, sizes)  # [N*K, H]
+        return _combine(y, weights, order, token, x.shape[0])
+
+    return experts
 
 
-def _pallas(x, weights, key, gate, up, down):
+def _pallas_matmul(lhs, rhs, sizes):
     from pallas_kernels.grouped_matmul import grouped_matmul
 
-    order, token, _, sizes = _sort_by_expert(key, gate.shape[0])
-    xs = x[token]
-    g = grouped_matmul(xs, gate, sizes, 0)
-    u = grouped_matmul(xs, up, sizes, 0)
-    y = grouped_matmul(gelu_tanh(g) * u, down, sizes, 0)
-    return _combine(y, weights, order, token, x.shape[0])
+    return grouped_matmul(lhs, rhs, sizes, 0)
 
 
 def _tiled(x, weights, key, gate, up, down):
@@ -135,7 +134,8 @@ def _dense(x, weights, key, gate, up, down):
     return jnp.einsum("enh,ne->nh", y.astype(jnp.float32), gates)
 
 
-EXPERTS = {"ragged": _ragged, "pallas": _pallas, "tiled": _tiled, "dense": _dense}
+EXPERTS = {"ragged": _grouped(jax.lax.ragged_dot), "pallas": _grouped(_pallas_matmul), "tiled": _tiled,
+           "dense": _dense}
 
 
 def _moe(impl, top_k, eps, offset, x_route, x_expert, proj, scale, expert_scale, gate, up, down):

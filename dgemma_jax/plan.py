@@ -10,7 +10,7 @@ compiled HLO give the communication volume per chip.
 Programs: ``canvas`` (one denoising forward pass of a canvas over the cache), ``loop`` (a canvas's
 whole denoising loop and its commit, as ``generate`` runs it, with ``steps`` passes), ``train``
 (one LoRA step of ``configs/train/lora_26b_sft.py``'s recipe: rank 16 on attention + dense MLP,
-remat, the context split into ``context / canvas`` canvases... see :func:`plan`).
+AdamW, remat; each row holds ``context`` tokens: a prompt and as many whole canvases as fit).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from dgemma_jax.config import ModelConfig
+from dgemma_jax import moe as moe_lib
 from dgemma_jax.moe import MoE
 
 
@@ -34,3 +35,18 @@ def test_all_tokens_on_one_expert(impl):
     x = jnp.abs(jax.random.normal(jax.random.key(0), (40, 24)))
     assert (np.asarray(routed.route(x)[1]) == 3).all()
     np.testing.assert_allclose(np.asarray(routed(x, x)), np.asarray(dense(x, x)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["ragged", "pallas", "tiled", "dense"])
+def test_expert_shards_add_up_to_the_whole(impl):
+    """What each device of an ``expert`` mesh computes: the share of its experts (offset, local
+    weights); assignments to other shards' experts contribute exactly zero. The shares sum to the
+    one-device result."""
+    m = _moe("dense")
+    x = jax.random.normal(jax.random.key(3), (2, 9, 24))
+    params = [m.router_proj[...], m.router_scale[...], m.per_expert_scale[...]]
+    experts = [m.gate[...], m.up[...], m.down[...]]
+    whole = moe_lib._moe("dense", 2, 1e-6, 0, x, x, *params, *experts)
+    shares = [moe_lib._moe(impl, 2, 1e-6, off, x, x, *params, *(w[off:off + 2] for w in experts)) for off in (0, 2, 4, 6)]
+    np.testing.assert_allclose(np.asarray(sum(shares)), np.asarray(whole), rtol=0, atol=1e-5)
+    assert all(float(jnp.abs(share).max()) > 0 for share in shares)
