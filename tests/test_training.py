@@ -208,25 +208,33 @@ def test_cli_train_export_and_plot(tmp_path, capsys):
         cli.main(["info", "configs/model/tiny.py", "--config.run.steps=1"])
 
 
-@pytest.mark.parametrize("mesh", [{"data": 2, "fsdp": 2, "expert": 2}, {"expert": 8}, {"fsdp": 2, "expert": 4},
-                                  {"data": 2, "expert": 4}], ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()))
-def test_sharded_train_step_matches_one_device(tmp_path, mesh):
+SHARDED_RUN = dict(examples=8, run__steps=2, data__batch_size=8, optim__warmup_steps=1)
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+    """The reference for the mesh runs: (metrics rows, trained parameters) on one device."""
+    one = Trainer(_config(tmp_path_factory.mktemp("one"), run__mesh={"data": 1}, **SHARDED_RUN))
+    rows = one.run(progress=False)
+    return rows, jax.device_get(one.trainable), one.cfg.optim.lr
+
+
+@pytest.mark.parametrize("mesh", [{"expert": 8}, {"fsdp": 2, "expert": 4}, {"data": 2, "expert": 4}],
+                         ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()))
+def test_sharded_train_step_matches_one_device(tmp_path, mesh, one_device_run):
     """Data-parallel + fsdp + expert-parallel over 8 (simulated) devices: parameters are laid out by
     the model's rules, the batch over data x fsdp x expert, the MoE layers run under shard_map, and
     the losses and updated parameters equal the one-device run."""
-    one = Trainer(_config(tmp_path / "one", examples=8, run__steps=2, run__mesh={"data": 1}, data__batch_size=8,
-                          optim__warmup_steps=1))
-    eight = Trainer(_config(tmp_path / "eight", examples=8, run__steps=2, run__mesh=mesh, data__batch_size=8,
-                            optim__warmup_steps=1))
+    rows, params, lr = one_device_run
+    eight = Trainer(_config(tmp_path, run__mesh=mesh, **SHARDED_RUN))
     gate = eight.trainable["layers"][0]["moe"]["gate"].get_value()
     assert len(gate.sharding.device_set) == 8 and gate.sharding.spec[0] == "expert"
-    a, b = one.run(progress=False), eight.run(progress=False)
-    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-4)
+    got = eight.run(progress=False)
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in rows], rtol=1e-4)
     # Adam divides each gradient by its own running scale, so where a gradient is ~1e-9 the float32
     # summation order of the sharded program moves that element's step itself: compare parameters
     # to 1 % of the peak learning rate (one step moves an element by up to ~lr).
-    lr = eight.cfg.optim.lr
-    for x, y in zip(jax.tree.leaves(eight.trainable), jax.tree.leaves(one.trainable)):
+    for x, y in zip(jax.tree.leaves(eight.trainable), jax.tree.leaves(params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=0.01 * lr)
 
 
