@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common import fit, round_up, run_interpreted
+
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(MASKED - MASKED) stays defined
 
 
@@ -75,11 +77,7 @@ class Blocks:
     interpret: bool | None = None
 
     def run_interpreted(self) -> bool:
-        return jax.default_backend() != "tpu" if self.interpret is None else self.interpret
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
+        return run_interpreted(self.interpret)
 
 
 def _scores(mask: Mask, offset, q, k, qi, ki, bq, bk):
@@ -268,9 +266,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, offsets: jax.Array
                          f"[B, S, K, D] with N a multiple of K")
     if kind == "canvas" and not 0 <= cache_size <= s:
         raise ValueError(f"flash_attention: cache_size={cache_size} outside the {s} keys")
-    bq = blocks.q if t > blocks.q else _round_up(t, 8)
-    bk = blocks.k if s > blocks.k else _round_up(s, 8)
-    tp, sp = _round_up(t, bq), _round_up(s, bk)
+    bq, bk = fit(blocks.q, t, 8), fit(blocks.k, s, 8)
+    tp, sp = round_up(t, bq), round_up(s, bk)
     mask = Mask(kind, window, cache_size, s)
     heads_first = lambda x, size: jnp.pad(x, ((0, 0), (0, size - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # noqa: E731
     o = _attention(heads_first(q, tp), heads_first(k, sp), heads_first(v, sp), offsets.astype(jnp.int32), mask,

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.common import fit, round_up, run_interpreted
+
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
@@ -40,16 +42,7 @@ class Tiling:
     interpret: bool | None = None
 
     def run_interpreted(self) -> bool:
-        return jax.default_backend() != "tpu" if self.interpret is None else self.interpret
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _fit(tile: int, dim: int, align: int) -> int:
-    """The tile actually used for a dim: the whole (aligned) dim when it is smaller than ``tile``."""
-    return tile if dim > tile else _round_up(dim, align)
+        return run_interpreted(self.interpret)
 
 
 def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -144,8 +137,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset=0, 
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     if (rhs.shape[2] if transpose_rhs else rhs.shape[1]) != k:
         raise ValueError(f"gmm: lhs {lhs.shape} and rhs {rhs.shape} do not contract (transpose_rhs={transpose_rhs})")
-    tm, tk, tn = _fit(tiling.tm, m, 8), _fit(tiling.tk, k, 128), _fit(tiling.tn, n, 128)
-    mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
+    tm, tk, tn = fit(tiling.tm, m, 8), fit(tiling.tk, k, 128), fit(tiling.tn, n, 128)
+    mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
     starts, ends = _local_bounds(group_sizes, group_offset, num_groups, m)
     group_ids, tile_ids, num = _visits(starts, ends, mp // tm, tm)
     lhs_p = _pad_to(_pad_to(lhs, 0, mp), 1, kp)
@@ -183,8 +176,8 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, num_groups: in
     n = grad.shape[1]
     if grad.shape[0] != m:
         raise ValueError(f"tgmm: lhs {lhs.shape} and grad {grad.shape} have different row counts")
-    tm, tk, tn = _fit(tiling.tm, m, 8), _fit(tiling.tk, k, 128), _fit(tiling.tn, n, 128)
-    mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
+    tm, tk, tn = fit(tiling.tm, m, 8), fit(tiling.tk, k, 128), fit(tiling.tn, n, 128)
+    mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
     starts, ends = _local_bounds(group_sizes, group_offset, num_groups, m)
     group_ids, tile_ids, num = _visits(starts, ends, mp // tm, tm)
     out = pl.pallas_call(
