@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from dgemma_jax import checkpoint, native
+from dgemma_jax import checkpoint, native, quant
 from dgemma_jax.cache import KVCache
 from dgemma_jax.config import ModelConfig, load_hf_config
 from dgemma_jax.layers import host_init
@@ -113,6 +113,7 @@ class Model:
     def save_pretrained(self, out_dir, max_shard_size: str | int = "5GB", progress: bool = False) -> Path:
         """Writes an HF snapshot (config.json, safetensors [+ index], generation/tokenizer files)
         that transformers' ``from_pretrained`` loads. The write is atomic."""
+        self._check_savable()
         out_dir = Path(out_dir)
         tensors = checkpoint.iter_hf_tensors(self.module, self.config)
         passthrough = checkpoint.passthrough_tensors(self._passthrough)
@@ -129,7 +130,13 @@ class Model:
     def save_orbax(self, out_dir) -> Path:
         """Writes our native format: config.json + an orbax checkpoint of the parameters (restores
         shard by shard onto a mesh). ``from_pretrained`` reads it back."""
+        self._check_savable()
         return native.save(self.module, Path(out_dir), self.config.to_hf_dict(self.hf_config), self._side_files())
+
+    def _check_savable(self) -> None:
+        if quant.is_quantized(self.module):
+            raise ValueError("this model's experts are quantised (int8, for serving); save the model loaded "
+                             "without quantize= instead")
 
     def _side_files(self) -> list[Path]:
         src = self.source_dir
@@ -168,11 +175,13 @@ def prompt_bucket(length: int) -> int:
     return max(16, 1 << (length - 1).bit_length())
 
 
-def from_config(config: ModelConfig, seed: int = 0, dtype=DEFAULT_DTYPE, mesh: Mesh | None = None, rules=RULES) -> Model:
+def from_config(config: ModelConfig, seed: int = 0, dtype=DEFAULT_DTYPE, mesh: Mesh | None = None, rules=RULES,
+                quantize: str = "none") -> Model:
     """A randomly initialised model (for tests, benchmarks and training from scratch).
 
     Values are drawn on the host one tensor at a time (no per-shape XLA compiles) and placed
-    directly with their sharding when ``mesh`` is given.
+    directly with their sharding when ``mesh`` is given. ``quantize="int8"``: int8 experts
+    (``dgemma_jax.quant``; serving only).
     """
     abstract = nnx.eval_shape(lambda: DiffusionGemma(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype), mesh=mesh))
     rng = np.random.default_rng(seed)
@@ -180,17 +189,20 @@ def from_config(config: ModelConfig, seed: int = 0, dtype=DEFAULT_DTYPE, mesh: M
         if isinstance(var, nnx.Variable):
             sharding = variable_sharding(var, mesh, rules) if mesh is not None else None
             var.set_value(jax.device_put(host_init(var, rng), sharding))
-    return Model(abstract, mesh=mesh)
+    return Model(quant.quantize(abstract, quantize), mesh=mesh)
 
 
 def from_pretrained(path, dtype=None, mesh: Mesh | None = None, rules=RULES, progress: bool = False,
-                    **config_overrides) -> Model:
+                    quantize: str = "none", **config_overrides) -> Model:
     """Loads a Hugging Face snapshot directory (config.json, *.safetensors [+ index json], ...),
     or our native orbax format (``Model.save_orbax``).
 
     ``dtype``: parameter dtype (default bfloat16). ``mesh``: place parameters sharded by ``rules``.
+    ``quantize="int8"``: int8 experts with per-channel scales, for serving (``dgemma_jax.quant``).
     ``config_overrides``: back-end switches such as ``moe_impl="dense"``.
     """
+    if quantize not in quant.MODES:
+        raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(quant.MODES)}")
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face snapshot)")
@@ -201,8 +213,9 @@ def from_pretrained(path, dtype=None, mesh: Mesh | None = None, rules=RULES, pro
     sharding_of = (lambda var: variable_sharding(var, mesh, rules)) if mesh is not None else None
     if native.is_native(path):
         native.restore(path, abstract, dtype, sharding_of)
-        return Model(abstract, hf_config=raw, source_dir=path, mesh=mesh)
+        return Model(quant.quantize(abstract, quantize), hf_config=raw, source_dir=path, mesh=mesh)
     total = len(checkpoint.tensor_specs(config))
     with tqdm(total=total, desc=f"loading {path.name}", unit="tensor", disable=not progress) as bar:
         passthrough = checkpoint.load_params(path, config, abstract, dtype, sharding_of, progress=bar.update)
-    return Model(abstract, hf_config=raw, source_dir=path, passthrough=passthrough, mesh=mesh)
+    return Model(quant.quantize(abstract, quantize), hf_config=raw, source_dir=path, passthrough=passthrough,
+                 mesh=mesh)

@@ -40,6 +40,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--moe-impl", default="auto", help="MoE back end (auto: pallas on TPU)")
     p.add_argument("--attention-impl", default=None, help="attention back end (default: pallas on TPU, else xla)")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="int8: the serving programs with int8 experts (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.set_defaults(func=cmd_plan)
 
@@ -57,7 +59,7 @@ def cmd_plan(args) -> int:
     print(f"config {args.config} | topology {args.topology or 'this machine'} | {args.dtype}")
     print(HEADER, flush=True)
     rows = plan(config, parse_mesh(args.mesh), topology=args.topology, batch=args.batch, context=args.context,
-                programs=programs, dtype=args.dtype, steps=args.steps,
+                programs=programs, dtype=args.dtype, steps=args.steps, quantize=args.quantize,
                 progress=lambda line: print(line, flush=True))
     if args.json:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")

@@ -63,6 +63,8 @@ def _common(p: argparse.ArgumentParser, max_new_tokens) -> None:
                    help="Hugging Face snapshot directory (default: the embedded default model)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="parameter dtype (default: the checkpoint's, else bfloat16)")
+    p.add_argument("--quantize", choices=("none", "int8"), default="none",
+                   help="int8: weight-only int8 experts with per-channel scales (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     if max_new_tokens is not False:
         p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
@@ -89,7 +91,7 @@ def _load(args):
         raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face snapshot)")
     recorded = _source_dtype(path)
     dtype = args.dtype or (recorded if recorded in ("bfloat16", "float32") else "bfloat16")
-    return dgemma_jax.from_pretrained(path, dtype=dtype), Tokenizer.load(path)
+    return dgemma_jax.from_pretrained(path, dtype=dtype, quantize=args.quantize), Tokenizer.load(path)
 
 
 def _report(result) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 _SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
+MOE_IMPLS = ("auto", "ragged", "pallas", "tiled", "bucketed", "dense")
 
 
 class ConfigError(ValueError):
@@ -84,8 +85,8 @@ class ModelConfig:
                 raise ConfigError(f"num_heads={self.num_heads} is not a multiple of {name}={heads}")
         if self.hidden_activation not in _SUPPORTED_ACTIVATIONS:
             raise ConfigError(f"hidden_activation={self.hidden_activation!r} is not supported")
-        if self.moe_impl not in ("auto", "ragged", "pallas", "tiled", "dense"):
-            raise ConfigError(f"moe_impl={self.moe_impl!r}: expected 'auto', 'ragged', 'pallas', 'tiled' or 'dense'")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ConfigError(f"moe_impl={self.moe_impl!r}: expected one of {', '.join(MOE_IMPLS)}")
         if self.attention_impl not in ("xla", "pallas"):
             raise ConfigError(f"attention_impl={self.attention_impl!r}: expected 'xla' or 'pallas'")
         rope = dict(self.rope)

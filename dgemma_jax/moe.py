@@ -8,9 +8,16 @@ Back ends (``config.moe_impl``); all but ``dense`` compute only the chosen exper
   ``tiled``:  tokens sorted by expert into tiles of one expert each; a loop over experts runs small
               matmuls over that expert's filled tiles only. The CPU back end (inference: its loops
               have data-dependent trip counts, so it has no reverse-mode gradient).
+  ``bucketed``: the capacity-bucketed batched einsum. Tokens sorted by expert are laid out as
+              [E, C, H] with C the smallest power of two (from 8) that holds the largest group; one
+              compiled branch per C, picked at run time (``lax.switch``), so no token is ever dropped.
   ``dense``:  every token through every expert, weighted by the (mostly zero) gate matrix. A test
               reference, and the CPU training back end (XLA:CPU's ``ragged_dot`` gradient is slower).
   ``auto``:   ``pallas`` on TPU, ``ragged`` on GPU, ``tiled`` on CPU.
+
+Weights: ``ExpertWeights``, either the float experts or int8 experts with per-output-channel float32
+scales (``dgemma_jax.quant``; serving). Every back end applies a scale after its product, so the int8
+weights are read as int8.
 
 Expert parallelism: on a mesh, the layer runs under ``shard_map``. Each device holds the experts of
 its ``expert`` shard; the tokens are gathered over ``expert`` (all-gather), every device routes them
@@ -22,6 +29,7 @@ are not split over ``expert``). Inside, the weights are whole on the ``fsdp``/``
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +41,28 @@ from dgemma_jax.layers import param, rms_norm
 from dgemma_jax.sharding import RULES, logical_to_spec
 
 EXPERT_AXIS = "expert"
+
+
+class ExpertWeights(NamedTuple):
+    """One layer's (or one shard's) experts: gate, up [E, H, I] and down [E, I, H], float; or int8
+    with per-output-channel float32 scales gate_scale, up_scale [E, I] and down_scale [E, H]."""
+
+    gate: jax.Array
+    up: jax.Array
+    down: jax.Array
+    gate_scale: jax.Array | None = None
+    up_scale: jax.Array | None = None
+    down_scale: jax.Array | None = None
+
+
+def _scaled(y: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """y times the per-output-channel scale of int8 weights (broadcast over y's rows); y if float."""
+    return y if scale is None else (y * scale).astype(y.dtype)
+
+
+def _ffn(rows: jax.Array, mm, w: ExpertWeights) -> jax.Array:
+    """gelu_tanh(rows @ gate) * (rows @ up) @ down, each product ``mm(rows, weight, scale)``."""
+    return mm(gelu_tanh(mm(rows, w.gate, w.gate_scale)) * mm(rows, w.up, w.up_scale), w.down, w.down_scale)
 
 
 def _next_pow2(n: int) -> int:
@@ -80,10 +110,15 @@ def _grouped(matmul):
     """A back end from a grouped matmul ``(rows [M, H], weights [E, H, I], group sizes [E]) -> [M, I]``
     over rows sorted by expert; rows after the last local group come out zero."""
 
-    def experts(x, weights, key, gate, up, down):
-        order, token, _, sizes = _sort_by_expert(key, gate.shape[0])
-        xs = x[token]  # [N*K, H]
-        y = matmul(gelu_tanh(matmul(xs, gate, sizes)) * matmul(xs, up, sizes), down, sizes)  # [N*K, H]
+    def experts(x, weights, key, w: ExpertWeights):
+        e = w.gate.shape[0]
+        order, token, sorted_key, sizes = _sort_by_expert(key, e)
+        at = jnp.minimum(sorted_key, e - 1)  # [N*K] each sorted row's expert (other shards' rows are zero)
+
+        def mm(rows, weight, scale):
+            return _scaled(matmul(rows, weight, sizes), None if scale is None else scale[at])
+
+        y = _ffn(x[token], mm, w)  # [N*K, H]
         return _combine(y, weights, order, token, x.shape[0])
 
     return experts
@@ -95,9 +130,14 @@ def _pallas_matmul(lhs, rhs, sizes):
     return grouped_matmul(lhs, rhs, sizes, 0)
 
 
-def _tiled(x, weights, key, gate, up, down):
+def _mm_local(rows, weight, scale):
+    """rows [M, H] @ one expert's weight [H, O] (int8 read as int8, converted in the product)."""
+    return _scaled(rows @ weight.astype(rows.dtype), scale)
+
+
+def _tiled(x, weights, key, w: ExpertWeights):
     n, k = key.shape
-    e = gate.shape[0]
+    e = w.gate.shape[0]
     tile = int(min(128, max(8, _next_pow2(n * k // e))))
     order, token, sorted_key, sizes = _sort_by_expert(key, e)
     tiles = -(-sizes // tile)  # [E] tiles per expert; each group padded to whole tiles
@@ -110,11 +150,11 @@ def _tiled(x, weights, key, gate, up, down):
     xs = jnp.zeros((max_rows, x.shape[1]), x.dtype).at[dest].set(x[token], mode="drop")
 
     def per_expert(i, ys):
-        g_i, u_i, d_i = gate[i], up[i], down[i]  # sliced once per expert
+        w_i = jax.tree.map(lambda a: a[i], w)  # sliced once per expert
 
         def per_tile(t, ys):
             rows = jax.lax.dynamic_slice_in_dim(xs, t * tile, tile)
-            y = (gelu_tanh(rows @ g_i) * (rows @ u_i)) @ d_i
+            y = _ffn(rows, _mm_local, w_i)
             return jax.lax.dynamic_update_slice_in_dim(ys, y, t * tile, axis=0)
 
         return jax.lax.fori_loop(first_tile[i], first_tile[i] + tiles[i], per_tile, ys)
@@ -124,30 +164,57 @@ def _tiled(x, weights, key, gate, up, down):
     return _combine(y, weights, order, token, n)
 
 
-def _dense(x, weights, key, gate, up, down):
-    e = gate.shape[0]
+def _mm_batched(rows, weight, scale):
+    """rows [N, H] (every expert's input) or [E, C, H] (per expert) @ weight [E, H, O] -> [E, ., O]."""
+    spec = "nh,eho->eno" if rows.ndim == 2 else "ech,eho->eco"
+    return _scaled(jnp.einsum(spec, rows, weight.astype(rows.dtype)), None if scale is None else scale[:, None])
+
+
+def _bucketed(x, weights, key, w: ExpertWeights):
+    n, k = key.shape
+    e, h = w.gate.shape[0], x.shape[1]
+    order, token, sorted_key, sizes = _sort_by_expert(key, e)
+    local = sorted_key < e
+    at = jnp.minimum(sorted_key, e - 1)
+    rank = jnp.arange(n * k) - (jnp.cumsum(sizes) - sizes)[at]  # [N*K] row within its expert
+    # a token picks an expert at most once, so no group exceeds N rows
+    capacities = [8 << i for i in range(max(1, (_next_pow2(n) // 8).bit_length()))]
+
+    def branch(c):
+        def run(x):
+            dest = jnp.where(local, at * c + rank, e * c)  # [N*K] slot in the [E*C] layout; E*C: not here
+            xs = jnp.zeros((e * c, h), x.dtype).at[dest].set(x[token], mode="drop")
+            y = _ffn(xs.reshape(e, c, h), _mm_batched, w).reshape(e * c, h)  # [E*C, H]
+            return jnp.take(y, dest, axis=0, mode="fill", fill_value=0)  # [N*K, H]
+        return run
+
+    pick = jnp.searchsorted(jnp.asarray(capacities), jnp.max(sizes))
+    y = jax.lax.switch(jnp.minimum(pick, len(capacities) - 1), [branch(c) for c in capacities], x)
+    return _combine(y, weights, order, token, n)
+
+
+def _dense(x, weights, key, w: ExpertWeights):
+    e = w.gate.shape[0]
     gates = jnp.zeros((x.shape[0], e + 1), jnp.float32)
     gates = gates.at[jnp.arange(x.shape[0])[:, None], key].add(weights)[:, :e]  # [N, E_local]
-    g = jnp.einsum("nh,ehi->eni", x, gate)
-    u = jnp.einsum("nh,ehi->eni", x, up)
-    y = jnp.einsum("eni,eih->enh", gelu_tanh(g) * u, down)
+    y = _ffn(x, _mm_batched, w)  # [E, N, H]
     return jnp.einsum("enh,ne->nh", y.astype(jnp.float32), gates)
 
 
 EXPERTS = {"ragged": _grouped(jax.lax.ragged_dot), "pallas": _grouped(_pallas_matmul), "tiled": _tiled,
-           "dense": _dense}
+           "bucketed": _bucketed, "dense": _dense}
 
 
-def _moe(impl, top_k, eps, offset, x_route, x_expert, proj, scale, expert_scale, gate, up, down):
+def _moe(impl, top_k, eps, offset, x_route, x_expert, proj, scale, expert_scale, w: ExpertWeights):
     """Routes every token of x_route / x_expert [..., H] and computes the share of the experts
     ``offset .. offset + len(gate)`` -> float32 [..., H]."""
     shape = x_expert.shape
     h = shape[-1]
     weights, ids = route(x_route.reshape(-1, h), proj, scale, expert_scale, top_k, eps)
     local = ids - offset
-    num_local = gate.shape[0]
+    num_local = w.gate.shape[0]
     key = jnp.where((local >= 0) & (local < num_local), local, num_local)
-    return EXPERTS[impl](x_expert.reshape(-1, h), weights, key, gate, up, down).reshape(shape)
+    return EXPERTS[impl](x_expert.reshape(-1, h), weights, key, w).reshape(shape)
 
 
 class MoE(nnx.Module):
@@ -164,6 +231,8 @@ class MoE(nnx.Module):
         self.gate = param(rngs, (e, h, i), ("expert", "embed", "moe_mlp"), dtype)
         self.up = param(rngs, (e, h, i), ("expert", "embed", "moe_mlp"), dtype)
         self.down = param(rngs, (e, i, h), ("expert", "moe_mlp", "embed"), dtype)
+        # int8 serving weights' per-output-channel scales (``dgemma_jax.quant``); None: float experts
+        self.gate_scale = self.up_scale = self.down_scale = nnx.data(None)
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [N, H] -> (weights [N, K] f32, expert ids [N, K] int32)."""
@@ -174,8 +243,9 @@ class MoE(nnx.Module):
         """x_route [B, ..., H] picks the experts, x_expert [B, ..., H] goes through them -> [B, ..., H].
         On a mesh, the leading (batch) dim is split as the activations' batch is."""
         c = self.config
-        params = (self.router_proj[...], self.router_scale[...], self.per_expert_scale[...], self.gate[...],
-                  self.up[...], self.down[...])
+        scales = [None if v is None else v[...] for v in (self.gate_scale, self.up_scale, self.down_scale)]
+        experts = ExpertWeights(self.gate[...], self.up[...], self.down[...], *scales)
+        params = (self.router_proj[...], self.router_scale[...], self.per_expert_scale[...], experts)
         platform = self.mesh.devices.flat[0].platform if self.mesh is not None else None
         run = functools.partial(_moe, resolve_impl(c.moe_impl, platform), c.num_experts_per_tok, c.rms_norm_eps)
         if self.mesh is None or self.mesh.size == 1:
@@ -194,12 +264,12 @@ def _expert_parallel(run, mesh: Mesh, num_experts: int, x_route, x_expert, param
     split = experts[0] is not None
     gathered = split and EXPERT_AXIS in axes
 
-    def local(x_route, x_expert, proj, scale, expert_scale, gate, up, down):
+    def local(x_route, x_expert, proj, scale, expert_scale, w):
         if gathered:  # every device of an expert group sees the same tokens
             x_route = jax.lax.all_gather(x_route, EXPERT_AXIS, axis=0, tiled=True)
             x_expert = jax.lax.all_gather(x_expert, EXPERT_AXIS, axis=0, tiled=True)
-        offset = jax.lax.axis_index(EXPERT_AXIS) * gate.shape[0] if split else 0
-        y = run(offset, x_route, x_expert, proj, scale, expert_scale, gate, up, down)
+        offset = jax.lax.axis_index(EXPERT_AXIS) * w.gate.shape[0] if split else 0
+        y = run(offset, x_route, x_expert, proj, scale, expert_scale, w)
         if gathered:
             return jax.lax.psum_scatter(y, EXPERT_AXIS, scatter_dimension=0, tiled=True)
         return jax.lax.psum(y, EXPERT_AXIS) if split else y
@@ -207,6 +277,6 @@ def _expert_parallel(run, mesh: Mesh, num_experts: int, x_route, x_expert, param
     replicated = PartitionSpec()
     return jax.shard_map(
         local, mesh=mesh,
-        in_specs=(tokens, tokens, replicated, replicated, replicated, experts, experts, experts),
+        in_specs=(tokens, tokens, replicated, replicated, replicated, experts),
         out_specs=tokens, check_vma=False,
     )(x_route, x_expert, *params)

@@ -30,8 +30,9 @@ from dgemma_jax.config import ModelConfig
 from dgemma_jax.model import DiffusionGemma
 from dgemma_jax.sharding import RULES, logical_to_spec, make_mesh, variable_sharding
 
-# HBM per chip and its bandwidth (public spec sheets), for the weight-read floor.
-CHIPS = {"TPU v5 lite": (16e9, 819e9), "NVIDIA H100 80GB HBM3": (80e9, 3.35e12)}
+# HBM per chip, its bandwidth and dense bf16 peak flop/s (public spec sheets): the weight-read
+# floor and the roofline estimate.
+CHIPS = {"TPU v5 lite": (16e9, 819e9, 197e12), "NVIDIA H100 80GB HBM3": (80e9, 3.35e12, 989e12)}
 PROGRAMS = ("canvas", "loop", "train")
 _COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
                          r"(-start)?\(")
@@ -53,9 +54,11 @@ class PlanRow:
     flops: float
     bytes_accessed: float
     seconds: float | None  # XLA's estimate (TPU cost model); None where the backend gives none
+    roofline_s: float | None  # max(flops / peak flop/s, bytes accessed / HBM bandwidth), XLA's counts
     weight_floor_s: float | None  # per-chip weight bytes / HBM bandwidth
     comm_gb: float  # per chip: bytes produced by collectives in the compiled program
     compile_s: float
+    error: str | None = None  # why it did not compile (e.g. XLA: out of HBM); the numbers are then 0
 
 
 def topology_devices(name: str):
@@ -65,9 +68,12 @@ def topology_devices(name: str):
     return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
 
 
-def _abstract_state(config: ModelConfig, dtype, mesh: Mesh, rules=RULES):
+def _abstract_state(config: ModelConfig, dtype, mesh: Mesh, rules=RULES, quantize: str = "none"):
     """-> (graphdef, state, module): every parameter a ShapeDtypeStruct with its sharding on ``mesh``."""
-    abstract = nnx.eval_shape(lambda: DiffusionGemma(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype), mesh=mesh))
+    from dgemma_jax.quant import quantize as quantize_module
+
+    abstract = nnx.eval_shape(lambda: quantize_module(
+        DiffusionGemma(config, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype), mesh=mesh), quantize))
     for _, var in nnx.iter_graph(abstract):
         if isinstance(var, nnx.Variable):
             var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=variable_sharding(var, mesh, rules)))
@@ -153,19 +159,20 @@ def _lower_train(config, abstract, mesh, batch, context, rank):
 
 def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | None = None, batch: int = 1,
          context: int = 4096, programs=PROGRAMS, dtype="bfloat16", steps: int = 16, lora_rank: int = 16,
-         progress=print) -> list[PlanRow]:
+         quantize: str = "none", progress=print) -> list[PlanRow]:
     """Compiles ``programs`` for the mesh ``mesh_shape`` over ``topology``'s devices (or this
     machine's) and reads their per-chip memory and cost. ``context``: KV-cache positions (serving)
-    or tokens per training row. ``config``'s back ends are used as given (e.g. ``pallas`` on TPU)."""
+    or tokens per training row. ``config``'s back ends are used as given (e.g. ``pallas`` on TPU).
+    ``quantize="int8"``: the serving programs with int8 experts (the train step stays float)."""
     devices = topology_devices(topology) if topology else jax.devices()
     mesh = make_mesh(mesh_shape, devices)
     from dgemma_jax.training.trainer import training_moe_impl
 
     platform = devices[0].platform
     train_config = config.replace(remat=True, moe_impl=training_moe_impl(config.moe_impl, platform))
-    graphdef, state, abstract = _abstract_state(config, dtype, mesh)
+    graphdef, state, abstract = _abstract_state(config, dtype, mesh, quantize=quantize)
     kind = devices[0].device_kind
-    hbm, bandwidth = CHIPS.get(kind, (None, None))
+    hbm, bandwidth, peak_flops = CHIPS.get(kind, (None, None, None))
     weight_bytes = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
                        for x in jax.tree.leaves(state))
     rows = []
@@ -181,7 +188,14 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
             lowered = _lower_train(train_config, abstract_train, mesh, batch, context, lora_rank)
         else:
             raise ValueError(f"program {program!r}: expected one of {PROGRAMS}")
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED: does not fit a chip
+            row = PlanRow(program, name, batch, context, 0.0, 0.0, 0.0, 0.0, hbm * 1e-9 if hbm else None, 0.0, 0.0,
+                          None, None, None, 0.0, time.perf_counter() - t0, error=str(e).split("\n")[0])
+            progress(format_row(row))
+            rows.append(row)
+            continue
         seconds = time.perf_counter() - t0
         mem = compiled.memory_analysis()
         cost = compiled.cost_analysis()
@@ -195,6 +209,8 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
             output_gb=mem.output_size_in_bytes * gb, peak_gb=peak * gb, hbm_gb=hbm * gb if hbm else None,
             flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
             seconds=est if est is not None and est > 0 else None,
+            roofline_s=max(float(cost.get("flops", 0.0)) / peak_flops, float(cost.get("bytes accessed", 0.0)) / bandwidth)
+            if bandwidth else None,
             weight_floor_s=weight_bytes / bandwidth if bandwidth else None,
             comm_gb=_collective_bytes(compiled.as_text()) * gb, compile_s=seconds,
         )
@@ -204,13 +220,15 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
 
 
 HEADER = (f"{'program':<8}{'mesh':<22}{'batch':>6}{'context':>8}{'args GB':>9}{'temp GB':>9}{'peak GB':>9}"
-          f"{'HBM GB':>8}{'TFLOP':>8}{'est ms':>9}{'floor ms':>9}{'comm GB':>9}{'compile s':>10}")
+          f"{'HBM GB':>8}{'TFLOP':>8}{'est ms':>9}{'roof ms':>9}{'floor ms':>9}{'comm GB':>9}{'compile s':>10}")
 
 
 def format_row(r: PlanRow) -> str:
     def opt(x, scale=1.0, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x * scale)
 
+    if r.error:
+        return f"{r.program:<8}{r.mesh:<22}{r.batch:>6}{r.context:>8}  does not compile: {r.error}"
     return (f"{r.program:<8}{r.mesh:<22}{r.batch:>6}{r.context:>8}{r.argument_gb:>9.2f}{r.temp_gb:>9.2f}"
             f"{r.peak_gb:>9.2f}{opt(r.hbm_gb, fmt='{:.0f}'):>8}{r.flops * 1e-12:>8.2f}{opt(r.seconds, 1e3):>9}"
-            f"{opt(r.weight_floor_s, 1e3):>9}{r.comm_gb:>9.3f}{r.compile_s:>10.1f}")
+            f"{opt(r.roofline_s, 1e3):>9}{opt(r.weight_floor_s, 1e3):>9}{r.comm_gb:>9.3f}{r.compile_s:>10.1f}")

@@ -93,7 +93,8 @@ def _gmm_kernel(group_ids, tile_ids, starts, ends, num, lhs_ref, rhs_ref, out_re
     @pl.when(real)
     def _():
         contract = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
-        acc_ref[...] += jax.lax.dot_general(lhs_ref[...], rhs_ref[...], contract,
+        lhs = lhs_ref[...]  # int8 weights (weight-only quantisation) are converted tile by tile
+        acc_ref[...] += jax.lax.dot_general(lhs, rhs_ref[...].astype(lhs.dtype), contract,
                                             preferred_element_type=jnp.float32)
 
     @pl.when(real & (k == k_tiles - 1))

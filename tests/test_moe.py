@@ -17,7 +17,7 @@ def _moe(impl, experts=8, top_k=2):
     return MoE(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "pallas", "tiled"])
+@pytest.mark.parametrize("impl", ["ragged", "pallas", "tiled", "bucketed"])
 @pytest.mark.parametrize("tokens", [1, 7, 64])
 def test_routed_equals_dense(impl, tokens):
     x = jax.random.normal(jax.random.key(tokens), (tokens, 24))
@@ -25,7 +25,7 @@ def test_routed_equals_dense(impl, tokens):
     np.testing.assert_allclose(np.asarray(routed(x, x)), np.asarray(dense(x, x)), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "pallas", "tiled"])
+@pytest.mark.parametrize("impl", ["ragged", "pallas", "tiled", "bucketed"])
 def test_all_tokens_on_one_expert(impl):
     """Empty groups everywhere but one, and a group larger than a tile."""
     dense, routed = _moe("dense", top_k=1), _moe(impl, top_k=1)
@@ -37,7 +37,7 @@ def test_all_tokens_on_one_expert(impl):
     np.testing.assert_allclose(np.asarray(routed(x, x)), np.asarray(dense(x, x)), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "pallas", "tiled", "dense"])
+@pytest.mark.parametrize("impl", ["ragged", "pallas", "tiled", "bucketed", "dense"])
 def test_expert_shards_add_up_to_the_whole(impl):
     """What each device of an ``expert`` mesh computes: the share of its experts (offset, local
     weights); assignments to other shards' experts contribute exactly zero. The shares sum to the
@@ -46,7 +46,26 @@ def test_expert_shards_add_up_to_the_whole(impl):
     x = jax.random.normal(jax.random.key(3), (2, 9, 24))
     params = [m.router_proj[...], m.router_scale[...], m.per_expert_scale[...]]
     experts = [m.gate[...], m.up[...], m.down[...]]
-    whole = moe_lib._moe("dense", 2, 1e-6, 0, x, x, *params, *experts)
-    shares = [moe_lib._moe(impl, 2, 1e-6, off, x, x, *params, *(w[off:off + 2] for w in experts)) for off in (0, 2, 4, 6)]
+    whole = moe_lib._moe("dense", 2, 1e-6, 0, x, x, *params, moe_lib.ExpertWeights(*experts))
+    shares = [moe_lib._moe(impl, 2, 1e-6, off, x, x, *params, moe_lib.ExpertWeights(*(w[off:off + 2] for w in experts)))
+              for off in (0, 2, 4, 6)]
     np.testing.assert_allclose(np.asarray(sum(shares)), np.asarray(whole), rtol=0, atol=1e-5)
     assert all(float(jnp.abs(share).max()) > 0 for share in shares)
+
+
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_bucketed_gradients_equal_dense(tokens):
+    """The capacity-bucketed back end is differentiable (lax.switch over capacities): its input and
+    weight gradients equal the dense reference's."""
+    x = jax.random.normal(jax.random.key(tokens), (tokens, 24))
+    m = _moe("dense")
+    params = [m.router_proj[...], m.router_scale[...], m.per_expert_scale[...]]
+
+    def grads(impl):
+        def loss(x, gate, down):
+            w = moe_lib.ExpertWeights(gate, m.up[...], down)
+            return jnp.sum(jnp.sin(moe_lib._moe(impl, 2, 1e-6, 0, x, x, *params, w)))
+        return jax.grad(loss, argnums=(0, 1, 2))(x, m.gate[...], m.down[...])
+
+    for got, want in zip(grads("bucketed"), grads("dense")):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

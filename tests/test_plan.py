@@ -35,3 +35,25 @@ def test_bad_arguments_are_named(capsys):
         parse_mesh("expert")
     assert cli.main(["plan", "--config", str(TINY), "--programs", "canvas,decode"]) == 1
     assert "decode" in capsys.readouterr().err
+
+
+def test_a_program_that_does_not_fit_is_reported_not_raised(monkeypatch, capsys):
+    """XLA refusing a program (e.g. RESOURCE_EXHAUSTED: out of HBM on a TPU chip) is a result: the row
+    says so and the other programs still run."""
+    import jax
+
+    real = jax.stages.Lowered.compile
+    calls = []
+
+    def compile_or_fail(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM\ndetails")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", compile_or_fail)
+    rows = plan(load_model_config(TINY), {"expert": 1}, context=64, programs=("canvas", "loop"), dtype="float32",
+                progress=print)
+    assert rows[0].error == "RESOURCE_EXHAUSTED: Ran out of memory on HBM" and rows[1].error is None
+    assert rows[1].peak_gb > 0
+    assert "canvas" in capsys.readouterr().out.split("does not compile: RESOURCE_EXHAUSTED")[0]

@@ -88,6 +88,19 @@ def test_pallas_back_ends_on_a_mesh(hf):
                                np.asarray(single.canvas_logits(prompt, canvas)), rtol=0, atol=1e-5)
 
 
+def test_quantized_experts_on_a_mesh(hf):
+    """int8 experts and their scales shard over ``expert`` like the float ones; the logits equal the
+    single-device quantised model's."""
+    mesh = make_mesh({"fsdp": 2, "expert": 4})
+    sharded = dgemma_jax.from_pretrained(hf[1], dtype="float32", mesh=mesh, quantize="int8")
+    moe = sharded.module.layers[0].moe
+    assert moe.gate[...].sharding.spec[0] == "expert" and moe.gate_scale[...].sharding.spec[0] == "expert"
+    single = dgemma_jax.from_pretrained(hf[1], dtype="float32", quantize="int8")
+    prompt, canvas = _inputs(8)
+    np.testing.assert_allclose(np.asarray(sharded.canvas_logits(prompt, canvas)),
+                               np.asarray(single.canvas_logits(prompt, canvas)), rtol=0, atol=1e-5)
+
+
 def test_orbax_restores_onto_mesh(hf, tmp_path):
     single = dgemma_jax.from_pretrained(hf[1], dtype="float32")
     path = single.save_orbax(tmp_path / "native")

@@ -1,0 +1,98 @@
+"""The MoE formulations side by side at one layer's real shapes: which back end ``auto`` should pick.
+
+Run on the GPU machine (from the repository root):
+
+    PYTHONPATH=. python bench/moe.py                                   # 26B-A4B layer: 128 experts, top-8
+    PYTHONPATH=. python bench/moe.py --config configs/model/bench.py   # a small CPU smoke run
+
+One MoE layer (routing included) of ``--config`` with random weights in ``--dtype``, on
+``--canvases`` x canvas-length tokens (default 1 4 16: batch 1, 4 and 16 canvases), forward only
+(serving), jitted; the median of ``--repeats`` runs per back end:
+  ragged    sort by expert + ``jax.lax.ragged_dot`` grouped matmuls
+  bucketed  sort by expert into an [E, C, H] capacity layout (C: a power of two holding the largest
+            group, chosen at run time; never drops a token) + batched einsums
+  tiled     sort + segment: one loop over experts, small matmuls over each expert's filled tiles
+  dense     every token through every expert (the reference; skipped above ``--dense-max`` tokens)
+each also with int8 experts (``dgemma_jax.quant``). The floor is the expert bytes the layer reads
+(every expert a batch routes to) over the device's measured copy bandwidth. Each back end's output
+is checked against ``dense`` (or ``ragged`` where dense is skipped) before it is timed. The last
+lines name the fastest per size: the GPU default (``moe.resolve_impl``) should be the one that
+wins at serving sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMPLS = ("ragged", "bucketed", "tiled", "dense")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "model", "diffusiongemma_26b_a4b.py"))
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--canvases", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--quantize", default="none,int8")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--dense-max", type=int, default=1024, help="largest token count dense runs at")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from bench.gpu_step import copy_bandwidth, median_seconds
+    from dgemma_jax import quant
+    from dgemma_jax.configs_io import load_model_config
+    from dgemma_jax.moe import MoE
+
+    config = load_model_config(args.config)
+    dtype = jnp.dtype(args.dtype)
+    layers = {mode: quant.quantize(MoE(config, rngs=nnx.Rngs(0), dtype=dtype), mode)
+              for mode in args.quantize.split(",")}
+    bandwidth = copy_bandwidth()
+    print(f"config {os.path.relpath(args.config, ROOT)} | {args.dtype} | {config.num_experts} experts, top-"
+          f"{config.num_experts_per_tok}, H {config.hidden_size}, I {config.moe_intermediate_size} | device "
+          f"{jax.devices()[0].device_kind} | copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    print(f"{'tokens':>7}{'weights':>8}{'impl':>10}{'ms':>10}{'x floor':>9}")
+    rng = np.random.default_rng(0)
+    for canvases in args.canvases:
+        n = canvases * config.canvas_length
+        x = jnp.asarray(rng.standard_normal((1, n, config.hidden_size)), dtype)
+        best = {}
+        for mode, module in layers.items():
+            graphdef, state = nnx.split(module)
+
+            def forward(impl):
+                def run(state, x):
+                    layer = nnx.merge(graphdef, state)
+                    layer.config = layer.config.replace(moe_impl=impl)  # static: one program per impl
+                    return layer(x, x)
+                return jax.jit(run)
+
+            used = np.unique(np.asarray(module.route(x[0])[1]))  # experts this batch reads
+            expert_bytes = sum(getattr(module, w)[...][0].nbytes for w in ("gate", "up", "down")) * len(used)
+            floor = expert_bytes / bandwidth
+            reference = np.asarray(forward("dense" if n <= args.dense_max else "ragged")(state, x), np.float32)
+            for impl in args.impls.split(","):
+                if impl == "dense" and n > args.dense_max:
+                    continue
+                run = forward(impl)
+                err = np.abs(np.asarray(run(state, x), np.float32) - reference).max() / np.abs(reference).max()
+                if err > (2e-2 if args.dtype == "bfloat16" else 1e-4):
+                    raise SystemExit(f"{impl} ({mode}): output differs from the reference by {err:.2e} (relative)")
+                seconds = median_seconds(lambda: run(state, x).block_until_ready(), args.repeats, lambda: None)
+                best.setdefault(mode, []).append((seconds, impl))
+                print(f"{n:>7}{mode:>8}{impl:>10}{seconds * 1e3:>10.3f}{seconds / floor:>9.2f}", flush=True)
+        for mode, times in best.items():
+            seconds, impl = min(times)
+            print(f"fastest at {n} tokens, {mode} weights: {impl} ({seconds * 1e3:.3f} ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
