@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         def __init__(self, pins):
             self.pins = pins  # [B, L] long, -1 where free
 
-        def __call__(self, input_ids, scores, **kwargs):
+        def __call__(self, input_ids, scores):  # two parameters: transformers then passes no extras
             pinned = torch.full_like(scores, float("-inf")).scatter(-1, self.pins.clamp(min=0)[..., None], 0.0)
             return torch.where((self.pins >= 0)[..., None], pinned, scores)
 
@@ -94,9 +94,9 @@ def main(argv=None) -> int:
                              seconds=time.perf_counter() - t0)
 
     print(f"model: {path} | {args.puzzles} puzzles, generator seed {args.seed}, 28-40 givens")
-    print(f"{'':<30}{'exact':>8}{'cell acc':>10}{'givens kept':>13}{'steps':>8}{'seconds':>9}")
+    print(f"{'':<36}{'exact':>8}{'cell acc':>10}{'givens kept':>13}{'steps':>8}{'seconds':>9}")
     for name, r in results.items():
-        print(f"{name:<30}{r['exact']:>8.1%}{r['cell_accuracy']:>10.1%}{r['givens_kept']:>13.1%}"
+        print(f"{name:<36}{r['exact']:>8.1%}{r['cell_accuracy']:>10.1%}{r['givens_kept']:>13.1%}"
               f"{r['mean_steps']:>8.1f}{r['seconds']:>9.1f}")
     print("(transformers' steps: 82 / tokens_per_forward)")
     if args.json:

@@ -90,10 +90,11 @@ def test_cli_solves_puzzles_without_touching_givens(monkeypatch, capsys):
     assert len(answers) == 8 and "valid solutions" in err
     for (puzzle, _), answer in zip(pairs, answers):
         assert all(a == p for p, a in zip(puzzle, answer) if p)  # givens are clamped
-    # The shipped model fills blanks far better than chance (1/9): 0.55 measured on 200
-    # puzzles (README); a broken model, tokenizer or sampler falls to ~0.1.
+    # The shipped model fills blanks far better than chance (1/9): 0.81 measured on 200 puzzles
+    # (README); the stage-1 model (0.55) falls below this bar, a broken model, tokenizer or
+    # sampler to ~0.1.
     scores = sudoku.score([p for p, _ in pairs], [s for _, s in pairs], answers)
-    assert scores["givens_kept"] == 1.0 and scores["cell_accuracy"] > 0.35, scores
+    assert scores["givens_kept"] == 1.0 and scores["cell_accuracy"] > 0.65, scores
 
 
 @pytest.mark.slow
