@@ -202,12 +202,12 @@ def main(argv=None) -> int:
     print(f"config {os.path.relpath(args.config, ROOT)} | {args.dtype} | context {args.context} | "
           f"{args.steps} passes per canvas | device {next(iter(results.values()))['device']}")
     for side, r in results.items():
-        if "weight_bytes" in r:
+        if "bandwidth" in r:
             print(f"{side}: weights {r['weight_bytes'] / 1e9:.2f} GB | copy bandwidth {r['bandwidth'] / 1e9:.0f} GB/s | "
                   f"weight-read floor {r['weight_bytes'] / r['bandwidth'] * 1e3:.2f} ms per pass")
     print(f"{'side':<14}{'batch':>6}{'step ms':>10}{'x floor':>9}{'canvas ms':>11}{'tok/s':>9}")
     for side, r in results.items():
-        floor = r["weight_bytes"] / r["bandwidth"] if "weight_bytes" in r else None
+        floor = r["weight_bytes"] / r["bandwidth"] if "bandwidth" in r else None
         for b, row in r["rows"].items():
             tok_s = int(b) * _canvas_length(args.config) / row["canvas_s"]
             ratio = f"{row['step_s'] / floor:.2f}" if floor else "-"
