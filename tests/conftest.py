@@ -11,3 +11,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The TPU tests only compile: let them load libtpu while another JAX process (a training run in a
 # venv with jax[tpu]) holds its lock file.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import gc  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops every compiled program after each test module. XLA:CPU maps each executable's code in
+    many memory regions (~1,000 for one of our generate programs); over the whole suite one process
+    would pass Linux's vm.max_map_count (65,530) and XLA would crash in the next compile."""
+    yield
+    jax.clear_caches()
+    gc.collect()
