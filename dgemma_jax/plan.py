@@ -191,8 +191,10 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED: does not fit a chip
-            row = PlanRow(program, name, batch, context, 0.0, 0.0, 0.0, 0.0, hbm * 1e-9 if hbm else None, 0.0, 0.0,
-                          None, None, None, 0.0, time.perf_counter() - t0, error=str(e).split("\n")[0])
+            row = PlanRow(program=program, mesh=name, batch=batch, context=context, argument_gb=0.0, temp_gb=0.0,
+                          output_gb=0.0, peak_gb=0.0, hbm_gb=hbm * 1e-9 if hbm else None, flops=0.0,
+                          bytes_accessed=0.0, seconds=None, roofline_s=None, weight_floor_s=None, comm_gb=0.0,
+                          compile_s=time.perf_counter() - t0, error=str(e).split("\n")[0])
             progress(format_row(row))
             rows.append(row)
             continue
@@ -201,16 +203,16 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
         cost = compiled.cost_analysis()
         cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
         est = cost.get("optimal_seconds")
+        flops, bytes_accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
         gb = 1e-9
         peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
         row = PlanRow(
             program=program, mesh=name, batch=batch, context=context,
             argument_gb=mem.argument_size_in_bytes * gb, temp_gb=mem.temp_size_in_bytes * gb,
             output_gb=mem.output_size_in_bytes * gb, peak_gb=peak * gb, hbm_gb=hbm * gb if hbm else None,
-            flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+            flops=flops, bytes_accessed=bytes_accessed,
             seconds=est if est is not None and est > 0 else None,
-            roofline_s=max(float(cost.get("flops", 0.0)) / peak_flops, float(cost.get("bytes accessed", 0.0)) / bandwidth)
-            if bandwidth else None,
+            roofline_s=max(flops / peak_flops, bytes_accessed / bandwidth) if bandwidth else None,
             weight_floor_s=weight_bytes / bandwidth if bandwidth else None,
             comm_gb=_collective_bytes(compiled.as_text()) * gb, compile_s=seconds,
         )

@@ -1,7 +1,7 @@
 """Weight-only int8 quantisation of the experts, for serving.
 
 The experts hold 90 % of the 26B-A4B model's bytes (22.8 B of 25.3 B parameters), and a denoising
-pass at serving batch sizes is bound by reading them. ``quantize_experts`` stores each expert
+pass at serving batch sizes is bound by reading them. ``quantize`` stores each expert
 matrix as int8 with one float32 scale per output channel (symmetric, absmax / 127), halving those
 bytes; every MoE back end multiplies the scale in after its product (``moe.ExpertWeights``), so the
 weights are read as int8. Everything else (embedding, attention, dense MLP, router) stays in the
@@ -62,7 +62,7 @@ def quantize(module: nnx.Module, mode: str = "int8") -> nnx.Module:
             axes = var.get_metadata("logical_axes", (None,) * 3)
             q, scale = run(var[...], 1)  # reduce over the input dim (H for gate/up, I for down)
             new = (nnx.Param(q, logical_axes=axes), nnx.Param(scale, logical_axes=(axes[0], axes[2])))
-            if layer.mesh is not None and not isinstance(q, jax.ShapeDtypeStruct):
+            if layer.mesh is not None:
                 for v in new:
                     v.set_value(jax.device_put(v[...], variable_sharding(v, layer.mesh)))
             setattr(layer, name, new[0])

@@ -28,6 +28,9 @@ def test_expert_parallel_plan_reports_sharded_weights_and_collectives():
                     progress=lambda line: None)
     assert eight.argument_gb < one.argument_gb  # each device holds a share of the experts
     assert eight.comm_gb > 0 == one.comm_gb  # tokens gathered / results scattered over "expert"
+    (int8,) = plan(config, {"expert": 8}, batch=8, context=64, programs=("canvas",), dtype="float32",
+                   quantize="int8", progress=lambda line: None)
+    assert int8.argument_gb < eight.argument_gb  # int8 experts (+ f32 scales) instead of f32 experts
 
 
 def test_bad_arguments_are_named(capsys):
