@@ -83,7 +83,7 @@ def run_ours(args, quantize: str = "none") -> dict:
 
     from dgemma_jax.cache import KVCache
     from dgemma_jax.configs_io import load_model_config
-    from dgemma_jax.generation import _denoise_and_commit
+    from dgemma_jax.generation import CanvasRows, _denoise_and_commit, eos_rows
     from dgemma_jax.model import DiffusionGemma
     from dgemma_jax.quant import quantize as quantize_module
     from dgemma_jax.sampling import SamplerConfig
@@ -119,9 +119,9 @@ def run_ours(args, quantize: str = "none") -> dict:
         held, start = [cache], jnp.copy(cache.length)  # the loop donates the cache and commits; reset the length
 
         def loop():
-            _, passes, done = _denoise_and_commit(
-                graphdef, state, held[0], row_keys, jnp.int32(0), jnp.zeros((b,), bool), free, jnp.asarray(True),
-                jnp.asarray([-1], jnp.int32), jnp.int32(0), sampler=sampler, with_hook=False)
+            rows = CanvasRows(row_keys, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), free, jnp.ones((b,), bool),
+                              eos_rows([], b), sampler.params(b))
+            _, passes, done = _denoise_and_commit(graphdef, state, held[0], rows, jnp.int32(0), filters=sampler.filters)
             held[0] = dataclasses.replace(done, length=jnp.copy(start))
             if int(passes[0]) != args.steps:
                 raise RuntimeError(f"ours ran {int(passes[0])} passes, expected {args.steps}")

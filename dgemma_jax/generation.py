@@ -24,7 +24,7 @@ import functools
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +34,31 @@ from flax import nnx
 from dgemma_jax import sampling
 from dgemma_jax.api import Model, _as_tokens, prompt_bucket
 from dgemma_jax.cache import KVCache
-from dgemma_jax.sampling import SamplerConfig
+from dgemma_jax.sampling import SamplerConfig, SamplerParams
 
 FREE = -1  # in ``clamp_ids``: a position the sampler writes
+
+
+class CanvasRows(NamedTuple):
+    """Per-row inputs of one canvas (a pytree; every leaf has the batch as its first axis)."""
+
+    keys: jax.Array  # [B] the row's PRNG key (from its seed)
+    canvas_index: jax.Array  # [B] int32: which canvas of the row this is (selects its random draws)
+    finished: jax.Array  # [B] bool: rows that do not run (done before, or empty slots); frozen, not counted
+    clamp: jax.Array  # [B, L] int32: the token a position is clamped to, or -1
+    commit: jax.Array  # [B] bool: commit the canvas to the cache afterwards (skipped where it holds an EOS)
+    eos_ids: jax.Array  # [B, E] int32: the ids that end the row, -1 = unused entry
+    sampler: SamplerParams  # [B] each row's sampler settings
+
+
+def eos_rows(eos_ids: Sequence[int], batch: int, width: int | None = None) -> np.ndarray:
+    """``eos_ids`` for every row as ``CanvasRows.eos_ids`` [batch, width], padded with -1."""
+    width = max(len(eos_ids), 1) if width is None else width
+    if len(eos_ids) > width:
+        raise ValueError(f"eos_token_ids: at most {width} ids, got {len(eos_ids)}")
+    row = np.full(width, -1, np.int32)
+    row[:len(eos_ids)] = eos_ids
+    return np.tile(row, (batch, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,16 +160,20 @@ def generate(model: Model, prompt_ids, max_new_tokens: int | None = None, seed: 
     prefill_seconds = time.perf_counter() - t0
 
     row_keys = row_keys_from_seeds(seeds)
+    params, eos = sampler.params(batch), eos_rows(eos_ids, batch)
     finished = np.zeros(batch, bool)
     canvases, steps, canvas_seconds = [], [], []
-    with _registered(on_step) as hook_id:
+    def step_hook(canvas_index, step, argmax, canvas, done):
+        on_step(DenoisingStep(int(canvas_index[0]), step, argmax, canvas, done))
+
+    with registered_step_hook(step_hook) as hook_id:
         for index in range(n_canvases):
             t0 = time.perf_counter()
             last = index == n_canvases - 1
-            argmax, passes, cache = _denoise_and_commit(
-                model.graphdef, model.state, cache, row_keys, jnp.int32(index), jnp.asarray(finished),
-                jnp.asarray(clamp[:, index * length:(index + 1) * length]), jnp.asarray(not last),
-                jnp.asarray(eos_ids, jnp.int32), jnp.int32(hook_id), sampler=sampler, with_hook=on_step is not None)
+            rows = CanvasRows(row_keys, np.full(batch, index, np.int32), finished,
+                              clamp[:, index * length:(index + 1) * length], np.full(batch, not last), eos, params)
+            argmax, passes, cache = _denoise_and_commit(model.graphdef, model.state, cache, rows, jnp.int32(hook_id),
+                                                        filters=sampler.filters, with_hook=on_step is not None)
             tokens, finished = finalize_canvas(np.asarray(argmax), finished, last, eos_ids, pad_id)
             canvases.append(tokens)
             steps.append(np.asarray(passes))
@@ -194,13 +220,13 @@ def infill(model: Model, prefix_ids: Sequence[int], suffix_ids: Sequence[int], m
     return middle[:cut]
 
 
-def finalize_canvas(tokens: np.ndarray, finished: np.ndarray, reached_max_length: bool, eos_ids: Sequence[int],
+def finalize_canvas(tokens: np.ndarray, finished: np.ndarray, reached_max_length: bool | np.ndarray, eos_ids: Sequence[int],
                     pad_id: int | None) -> tuple[np.ndarray, np.ndarray]:
     """transformers' end-of-canvas rules (``_finalize_canvas`` with max-length and EOS criteria).
 
     ``tokens`` [B, L]: the committed canvas; ``finished`` [B]: rows finished before it. A row is
     finished after this canvas if it was before, the canvas holds an EOS, or the length limit is
-    reached. With a pad id: canvases of rows finished before become all pad, and every token after
+    reached (``reached_max_length``: for every row, or [B] per row). With a pad id: canvases of rows finished before become all pad, and every token after
     a row's first EOS becomes pad. Returns (tokens, finished), new arrays.
     """
     tokens = np.array(tokens, np.int32)
@@ -225,25 +251,28 @@ def _prefill(graphdef, state, prompt, num_valid, capacity: int) -> KVCache:
     return model.encode(prompt, cache, num_valid)[1]
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("sampler", "with_hook"), donate_argnums=2)
-def _denoise_and_commit(graphdef, state, cache: KVCache, row_keys, canvas_index, finished, clamp, may_continue,
-                        eos_ids, hook_id, *, sampler: SamplerConfig, with_hook: bool):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("filters", "with_hook"), donate_argnums=2)
+def _denoise_and_commit(graphdef, state, cache: KVCache, rows: CanvasRows, hook_id, *,
+                        filters: tuple[int, float] = (0, 1.0), with_hook: bool = False):
     """Denoises one canvas for every row, then commits its argmax canvas to the cache.
 
-    ``finished`` [B]: rows done before this canvas (they run frozen and are not counted).
-    ``clamp`` [B, L]: token or -1. The commit is skipped when ``may_continue`` is False or every row
-    will be finished after this canvas. Returns (argmax canvas [B, L], decoder passes [B], cache).
+    ``rows``: the per-row inputs (``finished`` rows run frozen and are not counted; each row stops
+    at its own ``max_steps``). The commit writes the rows with ``rows.commit`` whose canvas holds no
+    EOS (the others keep their length) and is skipped when there are none. ``filters``: the
+    candidate draw's (top_k, top_p). Returns (argmax canvas [B, L], decoder passes [B], cache).
     """
     model = nnx.merge(graphdef, state)
-    batch, length = clamp.shape
+    batch, length = rows.clamp.shape
     vocab = model.config.vocab_size
-    schedule, acceptance, stop = sampler.schedule(), sampler.acceptance(), sampler.stop()
+    params = rows.sampler
+    schedule, acceptance, stop = params.schedule(), params.acceptance(), params.stop()
+    clamp = rows.clamp
     clamped = clamp >= 0  # [B, L]
 
     def pin(tokens):
         return jnp.where(clamped, clamp, tokens)
 
-    init_keys, loop_keys = canvas_keys(row_keys, canvas_index)
+    init_keys, loop_keys = canvas_keys(rows.keys, rows.canvas_index)
     canvas = pin(sampling.initial_canvas(init_keys, length, vocab))
 
     def step_fn(carry):
@@ -252,7 +281,7 @@ def _denoise_and_commit(graphdef, state, cache: KVCache, row_keys, canvas_index,
         raw = model.denoise(canvas, cache, sc_logits, jnp.broadcast_to(step > 0, (batch,)))
         tempered = schedule(raw, step)  # [B, L, V] float32
         draw_keys, noise_keys = _split_rows(_fold_rows(loop_keys, step))
-        candidates = sampling.sample_candidates(draw_keys, tempered, sampler.top_k, sampler.top_p)
+        candidates = sampling.sample_candidates(draw_keys, tempered, *filters)
         entropies = jnp.where(clamped, 0.0, sampling.entropy(tempered))  # [B, L]
         accept = acceptance(entropies)
         new_canvas = pin(sampling.uniform_renoise(noise_keys, candidates, accept, vocab))
@@ -262,21 +291,27 @@ def _denoise_and_commit(graphdef, state, cache: KVCache, row_keys, canvas_index,
         new_argmax = jnp.where(done[:, None], argmax, new_argmax)
         tempered = jnp.where(done[:, None, None], sc_logits.astype(jnp.float32), tempered)
         stop_state, stop_now = stop.update(stop_state, new_argmax, entropies, free=~clamped)
-        done = done | stop_now
+        done = done | stop_now | (step + 1 >= params.max_steps)
         if with_hook:
-            jax.debug.callback(_call_step_hook, hook_id, canvas_index, step, new_argmax, new_canvas, done, ordered=True)
+            jax.debug.callback(_call_step_hook, hook_id, rows.canvas_index, step, new_argmax, new_canvas, done,
+                               ordered=True)
         return step + 1, new_canvas, new_argmax, tempered.astype(sc_logits.dtype), stop_state, done, passes
 
     def keep_going(carry):
-        step, done = carry[0], carry[5]
-        return (step < sampler.max_denoising_steps) & ~jnp.all(done)
+        return ~jnp.all(carry[5])
 
     carry = (jnp.int32(0), canvas, canvas, jnp.zeros((batch, length, vocab), model.dtype),
-             stop.init(batch, length), finished, jnp.zeros((batch,), jnp.int32))
+             stop.init(batch, length), rows.finished, jnp.zeros((batch,), jnp.int32))
     _, _, argmax, _, _, _, passes = jax.lax.while_loop(keep_going, step_fn, carry)
 
-    all_finished = jnp.all(finished | jnp.any(jnp.isin(argmax, eos_ids), axis=-1))
-    cache = jax.lax.cond(may_continue & ~all_finished, lambda c: model.encode(argmax, c)[1], lambda c: c, cache)
+    has_eos = jnp.any(argmax[:, :, None] == rows.eos_ids[:, None, :], axis=(1, 2))  # [B]
+    commit = rows.commit & ~rows.finished & ~has_eos
+
+    def write(c):
+        new = model.encode(argmax, c)[1]
+        return dataclasses.replace(new, length=jnp.where(commit, new.length, c.length))
+
+    cache = jax.lax.cond(jnp.any(commit), write, lambda c: c, cache)
     return argmax, passes, cache
 
 
@@ -286,12 +321,14 @@ def row_keys_from_seeds(seeds) -> jax.Array:
 
 
 def canvas_keys(row_keys: jax.Array, canvas_index) -> tuple[jax.Array, jax.Array]:
-    """Per-row keys of one canvas: (initial canvas keys [B], denoising-loop keys [B])."""
+    """Per-row keys of one canvas: (initial canvas keys [B], denoising-loop keys [B]).
+    ``canvas_index``: one for every row, or [B]."""
     return _split_rows(_fold_rows(row_keys, canvas_index))
 
 
 def _fold_rows(keys, data):
-    return jax.vmap(jax.random.fold_in, (0, None))(keys, data)
+    """fold_in(keys[b], data) per row; ``data`` a scalar or [B]."""
+    return jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(jnp.asarray(data, jnp.uint32), keys.shape))
 
 
 def _split_rows(keys):
@@ -299,13 +336,14 @@ def _split_rows(keys):
     return pair[:, 0], pair[:, 1]
 
 
-_STEP_HOOKS: dict[int, Callable[[DenoisingStep], None]] = {}  # live ``on_step`` hooks by id
+_STEP_HOOKS: dict[int, Callable[..., None]] = {}  # live step hooks by id
 _HOOK_IDS = itertools.count()
 
 
 @contextlib.contextmanager
-def _registered(fn) -> int:
-    """Registers ``fn`` as a step hook for the duration of one ``generate`` call; yields its id
+def registered_step_hook(fn) -> int:
+    """Registers ``fn(canvas_index [B], step, argmax [B, L], canvas [B, L], done [B])`` (host numpy
+    arrays) as the step hook of ``_denoise_and_commit`` calls made inside the block; yields its id
     (XLA runs host callbacks on its own threads, so the id travels through the jitted loop)."""
     hook_id = next(_HOOK_IDS) % 2**31
     _STEP_HOOKS[hook_id] = fn
@@ -316,8 +354,8 @@ def _registered(fn) -> int:
 
 
 def _call_step_hook(hook_id, canvas_index, step, argmax, canvas, done) -> None:
-    _STEP_HOOKS[int(hook_id)](DenoisingStep(int(canvas_index), int(step), np.asarray(argmax), np.asarray(canvas),
-                                            np.asarray(done)))
+    _STEP_HOOKS[int(hook_id)](np.asarray(canvas_index), int(step), np.asarray(argmax), np.asarray(canvas),
+                              np.asarray(done))
 
 
 # ---- input handling ----------------------------------------------------------------------------

@@ -116,17 +116,18 @@ def _lower_canvas(config, graphdef, state, mesh, batch, context, dtype):
 
 
 def _lower_loop(config, graphdef, state, mesh, batch, context, dtype, steps):
-    from dgemma_jax.generation import _denoise_and_commit
+    from dgemma_jax.generation import CanvasRows, _denoise_and_commit, eos_rows
     from dgemma_jax.sampling import SamplerConfig
 
     length = config.canvas_length
     row_keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
-    args = (graphdef, state, _abstract_cache(config, batch, context, dtype, mesh),
-            _batch_sharded(row_keys.shape, row_keys.dtype, mesh), _replicated(jnp.int32(0), mesh),
-            _batch_sharded((batch,), bool, mesh), _batch_sharded((batch, length), jnp.int32, mesh),
-            _replicated(jnp.asarray(True), mesh), _replicated(jnp.asarray(config.eos_token_ids, jnp.int32), mesh),
+    rows = CanvasRows(row_keys, np.zeros(batch, np.int32), np.zeros(batch, bool), np.zeros((batch, length), np.int32),
+                      np.zeros(batch, bool), eos_rows(config.eos_token_ids, batch),
+                      SamplerConfig(max_denoising_steps=steps).params(batch))
+    rows = jax.tree.map(lambda x: _batch_sharded(x.shape, x.dtype, mesh), rows)
+    args = (graphdef, state, _abstract_cache(config, batch, context, dtype, mesh), rows,
             _replicated(jnp.int32(0), mesh))
-    return _denoise_and_commit.lower(*args, sampler=SamplerConfig(max_denoising_steps=steps), with_hook=False)
+    return _denoise_and_commit.lower(*args, with_hook=False)
 
 
 def _lower_train(config, abstract, mesh, batch, context, rank):

@@ -22,10 +22,12 @@ canvas its order among exactly equal entropies is unspecified.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def entropy(logits: jax.Array) -> jax.Array:
@@ -38,6 +40,12 @@ def entropy(logits: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.exp(logp) * finite_logp, axis=-1)
 
 
+def _per_row(x, ndim: int) -> jax.Array:
+    """A scalar setting as is, a per-row one [B] as [B, 1, ...] to broadcast against [B, ...] (``ndim`` axes)."""
+    x = jnp.asarray(x)
+    return x.reshape(x.shape + (1,) * (ndim - 1)) if x.ndim == 1 else x
+
+
 @dataclasses.dataclass(frozen=True)
 class LinearTemperature:
     """Temperature linear in the number of steps *remaining*, counting the current one.
@@ -45,21 +53,29 @@ class LinearTemperature:
     ``step`` is the 0-based index of the denoising step within a canvas (transformers' ``cur_step``
     counts down: ``cur_step = max_steps - step``). Step 0 runs at ``t_max``; the last allowed step
     at ``t_min + (t_max - t_min) / max_steps``, so the schedule never reaches ``t_min``.
+
+    Each setting is a scalar or one value per row ([B] arrays, e.g. ``SamplerParams``). ``t_span`` is
+    ``t_max - t_min`` computed in float64 and rounded once, as transformers computes it in Python.
     """
 
-    t_min: float
-    t_max: float
-    max_steps: int
+    t_min: float | jax.Array
+    t_span: float | jax.Array
+    max_steps: int | jax.Array
+
+    @classmethod
+    def between(cls, t_min: float, t_max: float, max_steps: int) -> "LinearTemperature":
+        return cls(t_min, t_max - t_min, max_steps)
 
     def temperature(self, step) -> jax.Array:
-        """Float32 scalar temperature of 0-based ``step``."""
+        """Float32 temperature of 0-based ``step``: a scalar, or [B] for per-row settings."""
+        max_steps = jnp.asarray(self.max_steps, jnp.float32)
         remaining = jnp.asarray(self.max_steps - step, jnp.float32)
-        return jnp.float32(self.t_min) + jnp.float32(self.t_max - self.t_min) * (remaining / self.max_steps)
+        return jnp.asarray(self.t_min, jnp.float32) + jnp.asarray(self.t_span, jnp.float32) * (remaining / max_steps)
 
     def __call__(self, logits: jax.Array, step) -> jax.Array:
         """Tempered logits [B, L, V], float32 (XLA divides by multiplying with the reciprocal: within
         1 ulp of torch's division)."""
-        return logits.astype(jnp.float32) / self.temperature(step)
+        return logits.astype(jnp.float32) / _per_row(self.temperature(step), logits.ndim)
 
 
 def filter_top_k_top_p(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -109,7 +125,7 @@ class EntropyBoundAcceptance:
         h = entropies
         order = jnp.argsort(h, axis=-1, stable=True)
         sorted_h = jnp.take_along_axis(h, order, axis=-1)
-        accept_sorted = jnp.cumsum(sorted_h, axis=-1) - sorted_h <= self.bound
+        accept_sorted = jnp.cumsum(sorted_h, axis=-1) - sorted_h <= _per_row(jnp.asarray(self.bound, jnp.float32), 2)
         return jnp.put_along_axis(jnp.zeros_like(accept_sorted), order, accept_sorted, axis=-1, inplace=False)
 
 
@@ -139,10 +155,11 @@ class StableAndConfidentStop:
 
     Equivalent to transformers' ``StableAndConfidentStoppingCriteria`` (which keeps the last
     ``stability_threshold`` canvases); ``init`` plays the role of its ``reset`` (once per canvas).
+    Each threshold is a scalar or one per row ([B]).
     """
 
-    stability_threshold: int
-    confidence_threshold: float
+    stability_threshold: int | jax.Array
+    confidence_threshold: float | jax.Array
 
     def init(self, batch: int, length: int) -> StopState:
         return StopState(jnp.full((batch, length), -1, jnp.int32), jnp.zeros((batch,), jnp.int32))
@@ -161,7 +178,7 @@ class StableAndConfidentStop:
             mean_entropy = jnp.mean(entropies, axis=-1)
         else:
             mean_entropy = jnp.sum(jnp.where(free, entropies, 0.0), -1) / jnp.maximum(jnp.sum(free, -1), 1)
-        confident = mean_entropy < self.confidence_threshold  # [B]
+        confident = mean_entropy < jnp.asarray(self.confidence_threshold, jnp.float32)  # [B]
         done = (steps >= self.stability_threshold) & confident
         return StopState(argmax_canvas.astype(jnp.int32), steps), done
 
@@ -232,8 +249,48 @@ class SamplerConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validate()
 
+    @property
+    def filters(self) -> tuple[int, float]:
+        """(top_k, top_p): the candidate filters, static under jit."""
+        return self.top_k, self.top_p
+
+    def params(self, batch: int) -> "SamplerParams":
+        """These settings for every row of a batch of ``batch``, as traced arrays."""
+        return SamplerParams.stack([self] * batch)
+
     def schedule(self) -> LinearTemperature:
-        return LinearTemperature(self.t_min, self.t_max, self.max_denoising_steps)
+        return LinearTemperature.between(self.t_min, self.t_max, self.max_denoising_steps)
+
+    def acceptance(self) -> EntropyBoundAcceptance:
+        return EntropyBoundAcceptance(self.entropy_bound)
+
+    def stop(self) -> StableAndConfidentStop:
+        return StableAndConfidentStop(self.stability_threshold, self.confidence_threshold)
+
+
+class SamplerParams(NamedTuple):
+    """Per-row sampler settings as arrays (a pytree), so rows with different settings share one batch
+    and one compiled program. Built on the host by ``stack``; ``top_k``/``top_p`` stay static."""
+
+    t_min: jax.Array  # [B] float32
+    t_span: jax.Array  # [B] float32: t_max - t_min, rounded once from float64
+    max_steps: jax.Array  # [B] int32: max_denoising_steps
+    entropy_bound: jax.Array  # [B] float32
+    stability_threshold: jax.Array  # [B] int32
+    confidence_threshold: jax.Array  # [B] float32
+
+    @classmethod
+    def stack(cls, configs: Sequence[SamplerConfig]) -> "SamplerParams":
+        """One row per config (host numpy arrays)."""
+        def col(fn, dtype):
+            return np.asarray([fn(c) for c in configs], np.float64).astype(dtype)
+
+        return cls(col(lambda c: c.t_min, np.float32), col(lambda c: c.t_max - c.t_min, np.float32),
+                   col(lambda c: c.max_denoising_steps, np.int32), col(lambda c: c.entropy_bound, np.float32),
+                   col(lambda c: c.stability_threshold, np.int32), col(lambda c: c.confidence_threshold, np.float32))
+
+    def schedule(self) -> LinearTemperature:
+        return LinearTemperature(self.t_min, self.t_span, self.max_steps)
 
     def acceptance(self) -> EntropyBoundAcceptance:
         return EntropyBoundAcceptance(self.entropy_bound)

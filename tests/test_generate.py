@@ -185,12 +185,14 @@ def test_step_hook_sees_every_step(model):
 
 
 def test_denoising_loop_compiles_once_per_shape(model):
-    """Three canvases, two calls with different prompts (same bucket), seeds and lengths of output:
-    one compile of the per-canvas function and one of the prefill."""
+    """Three canvases, two calls with different prompts (same bucket), seeds, lengths of output and
+    sampler settings (they are traced per row): one compile of the per-canvas function and one of the
+    prefill."""
     settings = dict(SAMPLING, confidence_threshold=0.0)  # no early stop: every canvas runs
     dgemma_jax.generate(model, np.arange(3, 8)[None], max_new_tokens=3 * CANVAS, seed=0, **settings)
     before = gen._denoise_and_commit._cache_size(), gen._prefill._cache_size()
-    out = dgemma_jax.generate(model, np.arange(9, 20)[None], max_new_tokens=3 * CANVAS - 2, seed=7, **settings)
+    other = dict(settings, entropy_bound=0.3, t_max=0.9)
+    out = dgemma_jax.generate(model, np.arange(9, 20)[None], max_new_tokens=3 * CANVAS - 2, seed=7, **other)
     assert out.steps.shape[1] == 3 and (out.steps == SAMPLING["max_denoising_steps"]).all()
     assert (gen._denoise_and_commit._cache_size(), gen._prefill._cache_size()) == before
 
@@ -248,7 +250,8 @@ def test_jitted_loop_has_no_host_round_trip_without_hook(model):
     lowered = gen._denoise_and_commit.lower(
         model.graphdef, model.state, gen._prefill(model.graphdef, model.state, np.zeros((1, 16), np.int32),
                                                   np.array([3], np.int32), 16 + CANVAS),
-        gen.row_keys_from_seeds([0]), np.int32(0), np.zeros(1, bool), np.full((1, CANVAS), -1, np.int32),
-        np.bool_(False), np.asarray(EOS, np.int32), np.int32(0), sampler=sampling.SamplerConfig(), with_hook=False)
+        gen.CanvasRows(gen.row_keys_from_seeds([0]), np.zeros(1, np.int32), np.zeros(1, bool),
+                       np.full((1, CANVAS), -1, np.int32), np.zeros(1, bool), gen.eos_rows(EOS, 1),
+                       sampling.SamplerConfig().params(1)), np.int32(0), with_hook=False)
     text = lowered.as_text()
     assert "while" in text and "callback" not in text

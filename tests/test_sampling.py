@@ -69,7 +69,7 @@ def torch_accept_mask(logits, bound):
 def test_temperature_every_step(t_min, t_max, steps):
     logits = random_logits(0, 2, 8, 33)
     ref = LinearTemperatureScheduleLogitsProcessor(t_min, t_max, steps)
-    ours = LinearTemperature(t_min, t_max, steps)
+    ours = LinearTemperature.between(t_min, t_max, steps)
     for step in range(steps):  # transformers counts steps remaining: cur_step = steps - step
         cur_step = torch.tensor(steps - step, dtype=torch.int32)
         want = ref(None, torch.from_numpy(logits), cur_step=cur_step).numpy()
@@ -82,7 +82,7 @@ def test_temperature_every_step(t_min, t_max, steps):
 
 
 def test_temperature_traced_step():
-    ours = LinearTemperature(0.4, 0.8, 48)
+    ours = LinearTemperature.between(0.4, 0.8, 48)
     traced = jax.jit(ours.temperature)(jnp.int32(10))
     assert float(traced) == float(ours.temperature(10))
 
