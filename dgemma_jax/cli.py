@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dgemma_jax import cli_plan
 
     cli_plan.add_parsers(sub)
+    from dgemma_jax import cli_serve
+
+    cli_serve.add_parsers(sub)
     return parser
 
 
