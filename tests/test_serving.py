@@ -129,6 +129,18 @@ def test_engine_batch_gives_each_request_its_own_output(engine):
     assert together == alone
 
 
+def test_engine_compiles_the_canvas_step_once(engine):
+    """New prompts (same bucket), seeds, lengths and sampler settings reuse the compiled programs."""
+    from dgemma_jax.generation import _denoise_and_commit
+    from dgemma_jax.serving.engine import _prefill_slot
+
+    engine.generate(Request([2, 3], 8, seed=0))
+    before = _denoise_and_commit._cache_size(), _prefill_slot._cache_size()
+    engine.generate(Request([2, 3, 4, 5, 6], 24, seed=4, sampler=SamplerConfig(entropy_bound=0.7, t_min=0.2,
+                                                                                max_denoising_steps=5)))
+    assert (_denoise_and_commit._cache_size(), _prefill_slot._cache_size()) == before
+
+
 def test_engine_refuses_what_it_cannot_run(model):
     engine = Engine(model, EngineConfig(slots=1, max_prompt_tokens=8, max_new_tokens=16, max_queue=0))  # not started
     with pytest.raises(ValueError, match="over this server's limit of 8"):
@@ -358,3 +370,18 @@ def test_engine_on_a_mesh_equals_one_device(snapshot, model):
         one.stop()
         eight.stop()
     assert got == want
+
+
+def test_dgemma_serve_builds_the_server_from_its_flags(snapshot):
+    from dgemma_jax import cli
+    from dgemma_jax.cli_serve import build_server
+
+    args = cli.build_parser().parse_args(["serve", "--model", str(snapshot), "--slots", "2", "--max-tokens", "16",
+                                          "--max-prompt-tokens", "32", "--mesh", "expert=2", "--no-warmup"])
+    server, engine = build_server(args)
+    try:
+        assert server.config.model_name == snapshot.name and engine.config.slots == 2 and engine.running
+        assert engine.capacity == 32 + 2 * L and engine.model.mesh.shape == {"expert": 2}
+    finally:
+        engine.stop()
+    assert cli.main(["serve", "--model", str(snapshot), "--mesh", "expert"]) == 1  # named error, no traceback
