@@ -12,7 +12,9 @@ requests back to back (a prompt of ``--prompt-tokens`` random token ids, ``max_t
   generate   the same requests through ``dgemma_jax.generate``, one at a time (a lock, no HTTP): what
              serving without a batching engine gives
 Printed per side: completed requests, errors (target 0), p50 / p99 latency and aggregate generated
-tokens/s. ``--model`` defaults to the embedded default model.
+tokens/s. ``--model`` defaults to the embedded default model. The server's cache is sized for the
+workload (``--max-prompt-tokens`` = the prompt length, ``--max-tokens`` = max_tokens), as a deployment
+would size it: every slot attends over the whole preallocated cache.
 """
 
 from __future__ import annotations
@@ -78,13 +80,21 @@ def main(argv=None) -> int:
     import dgemma_jax
     from dgemma_jax.cli_serve import add_parsers, build_server
 
+    from pathlib import Path
+
+    from dgemma_jax.config import load_hf_config
+    from dgemma_jax.default_model import default_model_dir
+
+    canvas = load_hf_config(Path(args.model) if args.model else default_model_dir())[0].canvas_length
+    max_tokens = args.max_tokens or canvas
     parser = argparse.ArgumentParser()
     add_parsers(parser.add_subparsers())
-    serve_args = parser.parse_args(["serve", "--slots", str(args.slots), "--max-queue", "1024"]
+    # The cache is sized for this workload (every slot attends over the whole preallocated cache).
+    serve_args = parser.parse_args(["serve", "--slots", str(args.slots), "--max-queue", "1024", "--max-prompt-tokens",
+                                    str(args.prompt_tokens), "--max-tokens", str(max_tokens)]
                                    + (["--model", args.model] if args.model else []))
     server, engine = build_server(serve_args)
     model = engine.model
-    max_tokens = args.max_tokens or model.config.canvas_length
     vocab = model.config.vocab_size
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
