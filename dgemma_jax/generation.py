@@ -163,6 +163,7 @@ def generate(model: Model, prompt_ids, max_new_tokens: int | None = None, seed: 
     params, eos = sampler.params(batch), eos_rows(eos_ids, batch)
     finished = np.zeros(batch, bool)
     canvases, steps, canvas_seconds = [], [], []
+
     def step_hook(canvas_index, step, argmax, canvas, done):
         on_step(DenoisingStep(int(canvas_index[0]), step, argmax, canvas, done))
 
@@ -220,13 +221,13 @@ def infill(model: Model, prefix_ids: Sequence[int], suffix_ids: Sequence[int], m
     return middle[:cut]
 
 
-def finalize_canvas(tokens: np.ndarray, finished: np.ndarray, reached_max_length: bool | np.ndarray, eos_ids: Sequence[int],
+def finalize_canvas(tokens: np.ndarray, finished: np.ndarray, reached_max_length: bool, eos_ids: Sequence[int],
                     pad_id: int | None) -> tuple[np.ndarray, np.ndarray]:
     """transformers' end-of-canvas rules (``_finalize_canvas`` with max-length and EOS criteria).
 
     ``tokens`` [B, L]: the committed canvas; ``finished`` [B]: rows finished before it. A row is
     finished after this canvas if it was before, the canvas holds an EOS, or the length limit is
-    reached (``reached_max_length``: for every row, or [B] per row). With a pad id: canvases of rows finished before become all pad, and every token after
+    reached. With a pad id: canvases of rows finished before become all pad, and every token after
     a row's first EOS becomes pad. Returns (tokens, finished), new arrays.
     """
     tokens = np.array(tokens, np.int32)
