@@ -322,8 +322,10 @@ def test_full_queue_is_429_and_a_slow_request_is_408(model, snapshot):
         first: list = []
         t = threading.Thread(target=lambda: first.append(running.post("/v1/chat/completions", GOOD)))
         t.start()
-        while not engine.queue_depth:
+        deadline = time.time() + 30
+        while not engine.queue_depth and time.time() < deadline:
             time.sleep(0.02)
+        assert engine.queue_depth == 1
         second = running.post("/v1/chat/completions", GOOD)
         assert second.status_code == 429 and "queue is full" in second.json()["error"]["message"]
         t.join()
