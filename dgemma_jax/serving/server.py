@@ -171,8 +171,7 @@ class Server:
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         default = self.config.default_max_tokens or self.engine.model.generation_config.get("max_new_tokens") or 256
         n_tokens = self._max_tokens(max_tokens, min(default, self.engine.config.max_new_tokens), param)
-        choices = self._submit(body, prompt, n_tokens, None, None)
-        return await self._respond(body, request, choices, prompt, arrived, chat=True)
+        return await self._run(body, request, prompt, arrived, n_tokens, chat=True)
 
     async def _completion(self, body: CompletionRequest, request: Request):
         arrived = time.perf_counter()
@@ -182,17 +181,15 @@ class Server:
         else:
             prompt = list(body.prompt)
         n_tokens = self._max_tokens(body.max_tokens, self.config.completion_max_tokens, "max_tokens")
-        clamp = eos = None
-        if body.suffix is not None:  # infilling: the middle, then the suffix clamped after it
-            suffix = self.tokenizer.encode(body.suffix)
-            clamp = [FREE] * n_tokens + suffix
-            eos = ()
-            n_tokens += len(suffix)
-            if n_tokens > self.engine.config.max_new_tokens:
-                raise APIError(400, f"max_tokens + the suffix's {len(suffix)} tokens is over this server's limit of "
-                                    f"{self.engine.config.max_new_tokens}", "suffix")
-        choices = self._submit(body, prompt, n_tokens, clamp, eos)
-        return await self._respond(body, request, choices, prompt, arrived, chat=False)
+        if body.suffix is None:
+            return await self._run(body, request, prompt, arrived, n_tokens, chat=False)
+        # infilling: the middle, then the suffix clamped after it; EOS does not end the block
+        suffix = self.tokenizer.encode(body.suffix)
+        if n_tokens + len(suffix) > self.engine.config.max_new_tokens:
+            raise APIError(400, f"max_tokens + the suffix's {len(suffix)} tokens is over this server's limit of "
+                                f"{self.engine.config.max_new_tokens}", "suffix")
+        return await self._run(body, request, prompt, arrived, n_tokens + len(suffix), chat=False,
+                               clamp=[FREE] * n_tokens + suffix, eos=(), middle=n_tokens)
 
     def _max_tokens(self, value: int | None, default: int, param: str) -> int:
         limit = self.engine.config.max_new_tokens
@@ -215,19 +212,22 @@ class Server:
             raise APIError(400, "stop: up to 4 non-empty strings", "stop")
         return stops
 
-    def _submit(self, body: _Sampling, prompt: list[int], n_tokens: int, clamp, eos) -> _Choices:
+    async def _run(self, body: _Sampling, request: Request, prompt: list[int], arrived: float, n_tokens: int,
+                   chat: bool, clamp=None, eos=None, middle: int | None = None):
+        """Checks the request, submits its ``n`` choices and answers (whole or streamed).
+        ``middle``: infilling, the number of generated tokens before the clamped suffix."""
         limit = self.engine.config.max_prompt_tokens
         if len(prompt) > limit:
             raise APIError(400, f"the prompt has {len(prompt)} tokens; this server's limit is {limit}",
-                           "messages" if isinstance(body, ChatCompletionRequest) else "prompt")
+                           "messages" if chat else "prompt")
         if not prompt:
             raise APIError(400, "the prompt is empty", "prompt")
         if body.preview and not body.stream:
             raise APIError(400, "preview needs stream: true", "preview")
         sampler, stops = self._sampler(body), self._stops(body)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        stop_fn = (lambda tokens: self._find_stop(self._decode(tokens, clamp is None), stops) is not None) \
-            if stops else None
+        # the engine stops a choice when its text, rendered as the response will be, holds a stop string
+        stop_fn = (lambda tokens: self._render(tokens, chat, stops, middle)[2]) if stops else None
         choices = _Choices(asyncio.get_running_loop())
         try:
             for i in range(body.n):
@@ -240,7 +240,10 @@ class Server:
         except ValueError as e:
             choices.cancel()
             raise APIError(400, str(e), str(e).split(":", 1)[0]) from e
-        return choices
+        reply = _Reply(self, body, choices, prompt, arrived, chat, stops, middle)
+        if body.stream:
+            return StreamingResponse(reply.stream(request), media_type="text/event-stream")
+        return await reply.whole(request)
 
     # ---- text --------------------------------------------------------------------------------
     def _decode(self, tokens: list[int], keep_specials: bool) -> str:
@@ -269,18 +272,6 @@ class Server:
             content, reasoning = split_thoughts(raw)
             return content, reasoning, cut is not None
         return raw, "", cut is not None
-
-    # ---- responses ---------------------------------------------------------------------------
-    async def _respond(self, body, request: Request, choices: _Choices, prompt: list[int], arrived: float,
-                       chat: bool):
-        stops = self._stops(body)
-        middle = None
-        if isinstance(body, CompletionRequest) and body.suffix is not None:
-            middle = body.max_tokens if body.max_tokens is not None else self.config.completion_max_tokens
-        reply = _Reply(self, body, choices, prompt, arrived, chat, stops, middle)
-        if body.stream:
-            return StreamingResponse(reply.stream(request), media_type="text/event-stream")
-        return await reply.whole(request)
 
     def _timeout_error(self) -> APIError:
         return APIError(408, f"the request took longer than this server's timeout of {self.config.request_timeout:g} s",
