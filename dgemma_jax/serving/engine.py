@@ -419,12 +419,10 @@ def _deliver(handle: Handle, event: Event) -> None:
 
 
 class EngineStats:
-    """Counters the server exports (read without locking; single writer: the engine thread)."""
+    """What the engine reports: finished requests by reason, and every measurement passed on to the
+    ``listeners`` as (name, value) (the server's Prometheus metrics)."""
 
     def __init__(self):
-        self.canvases = 0
-        self.forward_passes = 0
-        self.generated_tokens = 0
         self.finished_by_reason: dict[str, int] = {}
         self.listeners: list[Callable[[str, float], None]] = []
 
@@ -436,14 +434,11 @@ class EngineStats:
         self._emit("queue_seconds", seconds)
 
     def canvas(self, seconds: float, steps: list[int]) -> None:
-        self.canvases += 1
-        self.forward_passes += max(steps, default=0)
         self._emit("canvas_seconds", seconds)
         for s in steps:
             self._emit("steps_per_canvas", s)
 
     def tokens(self, n: int) -> None:
-        self.generated_tokens += n
         self._emit("tokens", n)
 
     def finished(self, reason: str) -> None:
