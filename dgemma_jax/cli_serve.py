@@ -38,25 +38,16 @@ def add_parsers(sub) -> None:
 
 def build_server(args: argparse.Namespace):
     """(Server, Engine) for the parsed ``dgemma serve`` arguments; the engine is started."""
-    from pathlib import Path
-
-    import dgemma_jax
     from dgemma_jax.chat import ChatTemplate
-    from dgemma_jax.cli import _source_dtype
     from dgemma_jax.cli_plan import parse_mesh
-    from dgemma_jax.default_model import default_model_dir
+    from dgemma_jax.cli_text import _load
     from dgemma_jax.serving.engine import Engine, EngineConfig
     from dgemma_jax.serving.server import Server, ServerConfig
     from dgemma_jax.sharding import make_mesh
-    from dgemma_jax.tokenizer import Tokenizer
 
-    path = Path(args.model) if args.model else default_model_dir()
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face snapshot)")
-    recorded = _source_dtype(path)
-    dtype = args.dtype or (recorded if recorded in ("bfloat16", "float32") else "bfloat16")
     mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
-    model = dgemma_jax.from_pretrained(path, dtype=dtype, mesh=mesh, quantize=args.quantize)
+    model, tokenizer = _load(args, mesh)
+    path = model.source_dir
     try:
         template = ChatTemplate.load(path)
     except FileNotFoundError:
@@ -65,7 +56,7 @@ def build_server(args: argparse.Namespace):
                                         max_new_tokens=args.max_tokens, max_queue=args.max_queue)).start()
     if not args.no_warmup:
         engine.warmup()
-    server = Server(engine, Tokenizer.load(path), template,
+    server = Server(engine, tokenizer, template,
                     ServerConfig(model_name=args.served_model_name or path.name, request_timeout=args.request_timeout))
     return server, engine
 

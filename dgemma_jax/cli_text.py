@@ -79,8 +79,8 @@ def _sampler(args) -> dict:
     return {key: getattr(args, key) for _, key, _, _ in _SAMPLER_FLAGS if getattr(args, key) is not None}
 
 
-def _load(args):
-    """-> (model, tokenizer): ``--model`` or the embedded default model."""
+def _load(args, mesh=None):
+    """-> (model, tokenizer): ``--model`` or the embedded default model (on ``mesh`` if given)."""
     import dgemma_jax
     from dgemma_jax.cli import _source_dtype
     from dgemma_jax.default_model import default_model_dir
@@ -91,7 +91,7 @@ def _load(args):
         raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face snapshot)")
     recorded = _source_dtype(path)
     dtype = args.dtype or (recorded if recorded in ("bfloat16", "float32") else "bfloat16")
-    return dgemma_jax.from_pretrained(path, dtype=dtype, quantize=args.quantize), Tokenizer.load(path)
+    return dgemma_jax.from_pretrained(path, dtype=dtype, mesh=mesh, quantize=args.quantize), Tokenizer.load(path)
 
 
 def _report(result) -> None:
