@@ -42,6 +42,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quantize", choices=("none", "int8"), default="none",
                    help="int8: the serving programs with int8 experts (default: %(default)s)")
+    p.add_argument("--weight-layouts", choices=("xla", "default"), default="xla",
+                   help="the loop's weights in the layouts XLA picks, as `dgemma serve` places them on TPU, or "
+                        "as they arrive (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.set_defaults(func=cmd_plan)
 
@@ -60,6 +63,7 @@ def cmd_plan(args) -> int:
     print(HEADER, flush=True)
     rows = plan(config, parse_mesh(args.mesh), topology=args.topology, batch=args.batch, context=args.context,
                 programs=programs, dtype=args.dtype, steps=args.steps, quantize=args.quantize,
+                weight_layouts=args.weight_layouts,
                 progress=lambda line: print(line, flush=True))
     if args.json:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")

@@ -32,6 +32,10 @@ def add_parsers(sub) -> None:
                    help="requests that may wait for a slot; more get 429 (default: %(default)s)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may take before it gets 408 (default: %(default)s)")
+    p.add_argument("--weight-layouts", choices=("auto", "xla", "default"), default="auto",
+                   help="xla: move the weights once into the layouts XLA picks for the denoising loop (needed "
+                        "for the 26B loop to fit a TPU v5e chip; see docs/scaling.md); auto: xla on TPU, "
+                        "default elsewhere (default: %(default)s)")
     p.add_argument("--no-warmup", action="store_true", help="do not compile before accepting requests")
     p.set_defaults(func=cmd_serve)
 
@@ -53,7 +57,8 @@ def build_server(args: argparse.Namespace):
     except FileNotFoundError:
         template = None
     engine = Engine(model, EngineConfig(slots=args.slots, max_prompt_tokens=args.max_prompt_tokens,
-                                        max_new_tokens=args.max_tokens, max_queue=args.max_queue)).start()
+                                        max_new_tokens=args.max_tokens, max_queue=args.max_queue,
+                                        weight_layouts=args.weight_layouts)).start()
     if not args.no_warmup:
         engine.warmup()
     server = Server(engine, tokenizer, template,

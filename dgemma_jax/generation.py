@@ -252,9 +252,8 @@ def _prefill(graphdef, state, prompt, num_valid, capacity: int) -> KVCache:
     return model.encode(prompt, cache, num_valid)[1]
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("filters", "with_hook"), donate_argnums=2)
-def _denoise_and_commit(graphdef, state, cache: KVCache, rows: CanvasRows, hook_id, *,
-                        filters: tuple[int, float] = (0, 1.0), with_hook: bool = False):
+def denoise_and_commit(graphdef, state, cache: KVCache, rows: CanvasRows, hook_id, *,
+                       filters: tuple[int, float] = (0, 1.0), with_hook: bool = False):
     """Denoises one canvas for every row, then commits its argmax canvas to the cache.
 
     ``rows``: the per-row inputs (``finished`` rows run frozen and are not counted; each row stops
@@ -314,6 +313,10 @@ def _denoise_and_commit(graphdef, state, cache: KVCache, rows: CanvasRows, hook_
 
     cache = jax.lax.cond(jnp.any(commit), write, lambda c: c, cache)
     return argmax, passes, cache
+
+
+_denoise_and_commit = jax.jit(denoise_and_commit, static_argnums=0, static_argnames=("filters", "with_hook"),
+                              donate_argnums=2)
 
 
 def row_keys_from_seeds(seeds) -> jax.Array:

@@ -8,7 +8,8 @@ or a TPU topology (``jax.experimental.topologies``; needs ``jax[tpu]``'s libtpu,
 compiled HLO give the communication volume per chip.
 
 Programs: ``canvas`` (one denoising forward pass of a canvas over the cache), ``loop`` (a canvas's
-whole denoising loop and its commit, as ``generate`` runs it, with ``steps`` passes), ``train``
+whole denoising loop and its commit, as ``generate`` runs it, with ``steps`` passes; the weights in
+the layouts XLA picks for it, as serving places them), ``train``
 (one LoRA step of ``configs/train/lora_26b_sft.py``'s recipe: rank 16 on attention + dense MLP,
 AdamW, remat; each row holds ``context`` tokens: a prompt and as many whole canvases as fit).
 """
@@ -115,8 +116,10 @@ def _lower_canvas(config, graphdef, state, mesh, batch, context, dtype):
     return jax.jit(canvas_step).lower(*args)
 
 
-def _lower_loop(config, graphdef, state, mesh, batch, context, dtype, steps):
-    from dgemma_jax.generation import CanvasRows, _denoise_and_commit, eos_rows
+def loop_inputs(config: ModelConfig, batch: int, context: int, dtype, mesh: Mesh, steps: int = 16):
+    """The denoising loop's cache and per-row inputs as ShapeDtypeStructs, the batch over ``mesh``'s
+    batch axes: (cache, rows)."""
+    from dgemma_jax.generation import CanvasRows, eos_rows
     from dgemma_jax.sampling import SamplerConfig
 
     length = config.canvas_length
@@ -125,9 +128,14 @@ def _lower_loop(config, graphdef, state, mesh, batch, context, dtype, steps):
                       np.zeros(batch, bool), eos_rows(config.eos_token_ids, batch),
                       SamplerConfig(max_denoising_steps=steps).params(batch))
     rows = jax.tree.map(lambda x: _batch_sharded(x.shape, x.dtype, mesh), rows)
-    args = (graphdef, state, _abstract_cache(config, batch, context, dtype, mesh), rows,
-            _replicated(jnp.int32(0), mesh))
-    return _denoise_and_commit.lower(*args, with_hook=False)
+    return _abstract_cache(config, batch, context, dtype, mesh), rows
+
+
+def _lower_loop(config, graphdef, state, mesh, batch, context, dtype, steps, weight_layouts):
+    from dgemma_jax.layouts import lower_loop
+
+    cache, rows = loop_inputs(config, batch, context, dtype, mesh, steps)
+    return lower_loop(graphdef, state, cache, rows, weight_layouts=weight_layouts)
 
 
 def _lower_train(config, abstract, mesh, batch, context, rank):
@@ -160,11 +168,13 @@ def _lower_train(config, abstract, mesh, batch, context, rank):
 
 def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | None = None, batch: int = 1,
          context: int = 4096, programs=PROGRAMS, dtype="bfloat16", steps: int = 16, lora_rank: int = 16,
-         quantize: str = "none", progress=print) -> list[PlanRow]:
+         quantize: str = "none", weight_layouts: str = "xla", progress=print) -> list[PlanRow]:
     """Compiles ``programs`` for the mesh ``mesh_shape`` over ``topology``'s devices (or this
     machine's) and reads their per-chip memory and cost. ``context``: KV-cache positions (serving)
     or tokens per training row. ``config``'s back ends are used as given (e.g. ``pallas`` on TPU).
-    ``quantize="int8"``: the serving programs with int8 experts (the train step stays float)."""
+    ``quantize="int8"``: the serving programs with int8 experts (the train step stays float).
+    ``weight_layouts``: the loop's weights in the layouts XLA picks (``"xla"``, as serving places
+    them: ``dgemma_jax.layouts``) or as they arrive (``"default"``)."""
     devices = topology_devices(topology) if topology else jax.devices()
     mesh = make_mesh(mesh_shape, devices)
     from dgemma_jax.training.trainer import training_moe_impl
@@ -183,7 +193,7 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
         if program == "canvas":
             lowered = _lower_canvas(config, graphdef, state, mesh, batch, context, dtype)
         elif program == "loop":
-            lowered = _lower_loop(config, graphdef, state, mesh, batch, context, dtype, steps)
+            lowered = _lower_loop(config, graphdef, state, mesh, batch, context, dtype, steps, weight_layouts)
         elif program == "train":
             _, _, abstract_train = _abstract_state(train_config, dtype, mesh)
             lowered = _lower_train(train_config, abstract_train, mesh, batch, context, lora_rank)

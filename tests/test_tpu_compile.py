@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -85,3 +86,32 @@ def test_26b_canvas_step_compiles_for_v5e_2x4_and_fits():
                   progress=lambda line: None)
     assert row.hbm_gb == 16 and row.peak_gb < row.hbm_gb
     assert row.argument_gb > 0.6 * 52 / 8  # at least the experts' share of 52 GB of bf16 weights per chip
+
+
+def test_loop_with_weights_in_xla_layouts_needs_no_second_copy_of_them():
+    """The denoising loop converts weights left in the default layout before it starts and holds
+    both copies (docs/scaling.md); with the weights placed in the layouts XLA picks (what
+    ``dgemma_jax.layouts.place_weights`` does) a plain jit of the loop takes them as they are.
+    One 26B layer (experts over 8 chips) shows it."""
+    from dgemma_jax import plan as P
+    from dgemma_jax.configs_io import load_model_config
+
+    config = load_model_config(Path(__file__).resolve().parents[1] / "configs/model/diffusiongemma_26b_a4b.py")
+    config = config.replace(layer_types=config.layer_types[-1:], moe_impl="pallas", attention_impl="pallas")
+    mesh = P.make_mesh({"expert": 8}, P.topology_devices(TOPOLOGY))
+    graphdef, state, _ = P._abstract_state(config, "bfloat16", mesh)
+
+    def compiled(weights, weight_layouts):
+        return P._lower_loop(config, graphdef, weights, mesh, 1, 4096, "bfloat16", 16, weight_layouts).compile()
+
+    chosen = compiled(state, "xla")
+    formats = chosen.input_formats[0][0]
+    assert any(f.layout.tiling for f in jax.tree.leaves(formats))  # TPU tiles them
+    placed = jax.tree.map(lambda x, f: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=f), state, formats)
+    temp = {name: c.memory_analysis().temp_size_in_bytes
+            for name, c in (("default", compiled(state, "default")), ("xla", chosen),
+                            ("placed", compiled(placed, "default")))}
+    assert temp["placed"] == temp["xla"]
+    layer_weights = sum(x.dtype.itemsize * int(np.prod(x.sharding.shard_shape(x.shape)))
+                        for path, x in jax.tree.leaves_with_path(state) if "layers" in jax.tree_util.keystr(path))
+    assert temp["default"] - temp["xla"] > 0.5 * layer_weights  # the copy a while loop would hold
