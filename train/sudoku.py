@@ -3,7 +3,7 @@
     python train/sudoku.py --out runs/sudoku            # data + tokenizer, train, export, evaluate
     python train/sudoku.py --out runs/sudoku --install  # ... and copy the export into the package
 
-The recipe is two stages of ``configs/train/sudoku_scratch.py`` on ``configs/model/sudoku.py``
+The recipe is three stages of ``configs/train/sudoku_scratch.py`` on ``configs/model/sudoku.py``
 (``STAGES`` below); each works in ``OUT/<stage>/`` and skips what it has already written, so an
 interrupted run continues (training resumes from its last checkpoint):
 
@@ -12,6 +12,8 @@ interrupted run continues (training resumes from its last checkpoint):
   2. ``2-held-givens``: from stage 1's export, on puzzles of seed 2 whose symmetric copies hold
      their givens clean in the canvas (``dgemma_jax.sudoku.completion_segments``), as
      ``dgemma sudoku`` clamps them; the first copy of each puzzle still supervises every cell.
+  3. ``3-more-held``: from stage 2's export, the same on new puzzles (seed 3) at a lower
+     learning rate.
 
 The tokenizer (Gemma 4 specials + the Sudoku cell tokens), chat template and generation config go
 to ``OUT/assets``. The final export is ``OUT/<last stage>/export``; it is evaluated with
@@ -57,6 +59,7 @@ class Stage:
 STAGES = (
     Stage("1-scratch", data_seed=1, puzzles=8_000, hold_givens=False, steps=2_000, lr=2e-3, end_lr=1e-4),
     Stage("2-held-givens", data_seed=2, puzzles=10_000, hold_givens=True, steps=4_400, lr=1e-3, end_lr=3e-5),
+    Stage("3-more-held", data_seed=3, puzzles=10_000, hold_givens=True, steps=4_000, lr=5e-4, end_lr=1e-5),
 )
 
 
