@@ -36,7 +36,7 @@ from dgemma_jax.api import Model, prompt_bucket
 from dgemma_jax.cache import KVCache
 from dgemma_jax.generation import (FREE, CanvasRows, _denoise_and_commit, _eos_and_pad, eos_rows,
                                    registered_step_hook, row_keys_from_seeds)
-from dgemma_jax.layouts import place_for_loop
+from dgemma_jax.layouts import WEIGHT_LAYOUTS, place_for_loop
 from dgemma_jax.sampling import SamplerConfig, SamplerParams
 from dgemma_jax.sharding import logical_to_spec
 
@@ -63,8 +63,9 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ValueError(f"EngineConfig.max_queue must be an integer >= 0, got {self.max_queue!r}")
-        if self.weight_layouts not in ("auto", "xla", "default"):
-            raise ValueError(f"EngineConfig.weight_layouts must be auto, xla or default, got {self.weight_layouts!r}")
+        if self.weight_layouts not in ("auto", *WEIGHT_LAYOUTS):
+            raise ValueError(f"EngineConfig.weight_layouts must be one of {('auto', *WEIGHT_LAYOUTS)}, "
+                             f"got {self.weight_layouts!r}")
         return self
 
 
@@ -327,14 +328,24 @@ class Engine:
         self.stats.queued(time.perf_counter() - handle.submitted)
 
     def _step(self) -> None:
-        slots = self._slots
+        slots, length = self._slots, self.canvas_length
         for i, slot in enumerate(slots):
             if slot is not None and slot.handle.cancelled.is_set():
                 self._finish(i, "cancelled")
         live = [i for i, s in enumerate(slots) if s is not None]
         if not live:
             return
-        rows = self._rows(slots)
+        filler = slots[live[0]]
+        rows = CanvasRows(
+            keys=row_keys_from_seeds([s.seed if s else 0 for s in slots]),
+            canvas_index=np.asarray([s.canvas_index if s else 0 for s in slots], np.int32),
+            finished=np.asarray([s is None for s in slots]),
+            clamp=np.stack([s.clamp[s.canvas_index * length:(s.canvas_index + 1) * length] if s
+                            else np.full(length, FREE, np.int32) for s in slots]),
+            commit=np.asarray([s is not None and s.canvas_index < s.n_canvases - 1 for s in slots]),
+            eos_ids=np.concatenate([eos_rows(s.eos_ids if s else [], 1, self._eos_width) for s in slots]),
+            sampler=SamplerParams.stack([(s or filler).sampler for s in slots]),
+        )
         previews = {i for i in live if slots[i].handle.request.preview}
         t0 = time.perf_counter()
         try:
@@ -400,20 +411,6 @@ class Engine:
     def _finish_unstarted(self, handle: Handle, reason: str, error: str | None = None) -> None:
         self.stats.finished(reason)
         _deliver(handle, Finished(reason, [], [], time.perf_counter() - handle.submitted, error))
-
-    def _rows(self, slots: list[_Slot | None]) -> CanvasRows:
-        """The per-row inputs of the slots' current canvases (empty slots run frozen)."""
-        length = self.canvas_length
-        return CanvasRows(
-            keys=row_keys_from_seeds([s.seed if s else 0 for s in slots]),
-            canvas_index=np.asarray([s.canvas_index if s else 0 for s in slots], np.int32),
-            finished=np.asarray([s is None for s in slots]),
-            clamp=np.stack([s.clamp[s.canvas_index * length:(s.canvas_index + 1) * length] if s
-                            else np.full(length, FREE, np.int32) for s in slots]),
-            commit=np.asarray([s is not None and s.canvas_index < s.n_canvases - 1 for s in slots]),
-            eos_ids=np.concatenate([eos_rows(s.eos_ids if s else [], 1, self._eos_width) for s in slots]),
-            sampler=SamplerParams.stack([(s.sampler if s else self.default_sampler) for s in slots]),
-        )
 
     def _empty_cache(self) -> KVCache:
         mc, mesh = self.model.config, self.model.mesh
