@@ -42,18 +42,23 @@ def canvas_mask(length: jax.Array, cache_size: int, canvas_len: int, window: int
     return jnp.concatenate([cached, canvas], axis=1)[:, None, :]
 
 
+def heads_first(x: jax.Array) -> jax.Array:
+    """[B, T, K, D] -> [B, K, T, D], the layout of keys and values (and of the KV cache)."""
+    return x.transpose(0, 2, 1, 3)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention with scale 1.0 (q and k are RMS-normed), XLA.
 
-    q [B, T, N, D], k/v [B, S, K, D] (N a multiple of K), mask [B, T or 1, S] -> [B, T, N, D].
+    q [B, T, N, D], k/v [B, K, S, D] (N a multiple of K), mask [B, T or 1, S] -> [B, T, N, D].
     """
     b, t, n, d = q.shape
-    kh = k.shape[2]
+    kh = k.shape[1]
     qg = q.reshape(b, t, kh, n // kh, d)  # [B, T, K, G, D]
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, n, d)
 
 
@@ -69,19 +74,19 @@ def _pallas(mesh, q, k, v, offsets, **mask):
 
 
 def attend_causal(q, keys, values, start, window: int | None, impl: str = "xla", mesh: Mesh | None = None):
-    """Encoder pass: q [B, T, N, D] at positions ``start + t``, keys/values [B, S, K, D] (the cache,
+    """Encoder pass: q [B, T, N, D] at positions ``start + t``, keys/values [B, K, S, D] (the cache,
     these tokens' K/V already written) -> [B, T, N, D]."""
     if impl == "pallas":
         return _pallas(mesh, q, keys, values, start, kind="causal", window=window)
     positions = start[:, None] + jnp.arange(q.shape[1], dtype=jnp.int32)[None, :]
-    return attend(q, keys, values, encoder_mask(positions, keys.shape[1], window))
+    return attend(q, keys, values, encoder_mask(positions, keys.shape[2], window))
 
 
 def attend_canvas(q, keys, values, k, v, length, window: int | None, impl: str = "xla", mesh: Mesh | None = None):
-    """Canvas pass: q/k/v [B, L, *, D] of the canvas over ``concat(cache keys/values [B, S, K, D], k/v)``
-    with ``length`` [B] filled cache slots -> [B, L, N, D]."""
-    all_k = jnp.concatenate([keys.astype(k.dtype), k], axis=1)
-    all_v = jnp.concatenate([values.astype(v.dtype), v], axis=1)
+    """Canvas pass: q [B, L, N, D] and k/v [B, K, L, D] of the canvas over ``concat(cache keys/values
+    [B, K, S, D], k/v)`` with ``length`` [B] filled cache slots -> [B, L, N, D]."""
+    all_k = jnp.concatenate([keys.astype(k.dtype), k], axis=2)
+    all_v = jnp.concatenate([values.astype(v.dtype), v], axis=2)
     if impl == "pallas":
-        return _pallas(mesh, q, all_k, all_v, length, kind="canvas", window=window, cache_size=keys.shape[1])
-    return attend(q, all_k, all_v, canvas_mask(length, keys.shape[1], k.shape[1], window))
+        return _pallas(mesh, q, all_k, all_v, length, kind="canvas", window=window, cache_size=keys.shape[2])
+    return attend(q, all_k, all_v, canvas_mask(length, keys.shape[2], k.shape[2], window))

@@ -15,9 +15,11 @@ from dgemma_jax.config import ModelConfig
 class KVCache:
     """Keys and values of every layer, plus how many positions of each row are filled.
 
-    ``keys[i]`` / ``values[i]``: ``[B, S, kv_heads_i, head_dim_i]`` (post-norm, post-RoPE keys;
-    normed values). Row ``b`` holds its tokens at positions ``0 .. length[b]-1``; entries at and past
-    ``length[b]`` are garbage and always masked.
+    ``keys[i]`` / ``values[i]``: ``[B, kv_heads_i, S, head_dim_i]`` (post-norm, post-RoPE keys;
+    normed values), heads before positions as the attention kernels read them (and as transformers
+    stores them), so no layout change of the cache is needed around a denoising loop. Row ``b`` holds
+    its tokens at positions ``0 .. length[b]-1``; entries at and past ``length[b]`` are garbage and
+    always masked.
     """
 
     keys: tuple[jax.Array, ...]
@@ -27,12 +29,12 @@ class KVCache:
     @property
     def size(self) -> int:
         """S, the number of positions the cache can hold."""
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[2]
 
     @classmethod
     def create(cls, config: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> "KVCache":
         """An empty cache of ``size`` positions for ``batch`` rows."""
-        shapes = [(batch, size, config.layer_kv_heads(lt), config.layer_head_dim(lt)) for lt in config.layer_types]
+        shapes = [(batch, config.layer_kv_heads(lt), size, config.layer_head_dim(lt)) for lt in config.layer_types]
         return cls(
             keys=tuple(jnp.zeros(s, dtype) for s in shapes),
             values=tuple(jnp.zeros(s, dtype) for s in shapes),
@@ -41,9 +43,9 @@ class KVCache:
 
 
 def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Writes ``new`` [B, T, ...] into ``buffer`` [B, S, ...] at per-row offsets ``start`` [B]."""
+    """Writes ``new`` [B, K, T, D] into ``buffer`` [B, K, S, D] at per-row positions ``start`` [B]."""
 
     def one(buf, x, s):
-        return jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), s, axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), s, axis=1)
 
     return jax.vmap(one)(buffer, new, start)

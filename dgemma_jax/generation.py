@@ -34,7 +34,9 @@ from flax import nnx
 from dgemma_jax import sampling
 from dgemma_jax.api import Model, _as_tokens, prompt_bucket
 from dgemma_jax.cache import KVCache
+from dgemma_jax.model import LOGITS_AXES
 from dgemma_jax.sampling import SamplerConfig, SamplerParams
+from dgemma_jax.sharding import constrain
 
 FREE = -1  # in ``clamp_ids``: a position the sampler writes
 
@@ -300,7 +302,8 @@ def denoise_and_commit(graphdef, state, cache: KVCache, rows: CanvasRows, hook_i
     def keep_going(carry):
         return ~jnp.all(carry[5])
 
-    carry = (jnp.int32(0), canvas, canvas, jnp.zeros((batch, length, vocab), model.dtype),
+    no_logits = constrain(jnp.zeros((batch, length, vocab), model.dtype), LOGITS_AXES, model.mesh)
+    carry = (jnp.int32(0), canvas, canvas, no_logits,
              stop.init(batch, length), rows.finished, jnp.zeros((batch,), jnp.int32))
     _, _, argmax, _, _, _, passes = jax.lax.while_loop(keep_going, step_fn, carry)
 

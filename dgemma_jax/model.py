@@ -13,11 +13,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dgemma_jax.attention import attend_canvas, attend_causal
+from dgemma_jax.attention import attend_canvas, attend_causal, heads_first
 from dgemma_jax.cache import KVCache, write_rows
 from dgemma_jax.config import SLIDING, ModelConfig
 from dgemma_jax.layers import Buffer, GatedMLP, RMSNorm, apply_rope, param, rms_norm, rope_frequencies
 from dgemma_jax.moe import MoE
+from dgemma_jax.sharding import constrain
+
+LOGITS_AXES = ("batch", None, "vocab")  # logical axes of the logits [B, T, V]
 
 
 class Attention(nnx.Module):
@@ -39,14 +42,14 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(d, config.rms_norm_eps, rngs=rngs, dtype=dtype)
 
     def qkv(self, x: jax.Array, positions: jax.Array):
-        """x [B, T, H] -> q [B, T, N, D], k [B, T, K, D], v [B, T, K, D]."""
+        """x [B, T, H] -> q [B, T, N, D], k [B, K, T, D], v [B, K, T, D] (heads first, as the cache)."""
         q = jnp.einsum("bth,hnd->btnd", x, self.q_proj[...])
         k_raw = jnp.einsum("bth,hkd->btkd", x, self.k_proj[...])
         v_raw = k_raw if self.v_proj is None else jnp.einsum("bth,hkd->btkd", x, self.v_proj[...])
         inv_freq = rope_frequencies(self.rope, self.head_dim)
         q = apply_rope(self.q_norm(q), positions, inv_freq)
         k = apply_rope(self.k_norm(k_raw), positions, inv_freq)
-        return q, k, rms_norm(v_raw, None, self.config.rms_norm_eps)
+        return q, heads_first(k), heads_first(rms_norm(v_raw, None, self.config.rms_norm_eps))
 
     def out(self, o: jax.Array) -> jax.Array:
         return jnp.einsum("btnd,ndh->bth", o, self.o_proj[...])
@@ -111,10 +114,12 @@ class SelfConditioning(nnx.Module):
 
 class DiffusionGemma(nnx.Module):
     """The text backbone. Build with ``DiffusionGemma(config, rngs=nnx.Rngs(0))``. ``mesh``: the
-    mesh the parameters live on; the MoE layers run expert-parallel over it."""
+    mesh the parameters live on; the MoE layers run expert-parallel over it, and the logits are
+    split over its vocabulary axes."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, mesh=None):
         self.config = config
+        self.mesh = mesh
         self.embedding = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype)
         self.layers = nnx.List([Block(config, lt, rngs=rngs, dtype=dtype, mesh=mesh) for lt in config.layer_types])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs, dtype=dtype)
@@ -145,7 +150,7 @@ class DiffusionGemma(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final hidden states [B, T, H] -> float32 soft-capped logits [B, T, V] (tied LM head)."""
-        logits = (hidden @ self.embedding[...].T).astype(jnp.float32)
+        logits = constrain((hidden @ self.embedding[...].T).astype(jnp.float32), LOGITS_AXES, self.mesh)
         cap = self.config.final_logit_softcap
         return logits if cap is None else jnp.tanh(logits / cap) * cap
 

@@ -97,19 +97,46 @@ def filter_top_k_top_p(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) ->
     return logits
 
 
+_BLOCK = 256  # tokens per block of the two-level cumulative sum in ``sample_candidates``
+
+
 def sample_candidates(keys: jax.Array, logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """One token per position from softmax(logits) (already tempered), one key per row:
     keys [B], logits [B, L, V] -> int32 [B, L].
 
     Inverse-CDF sampling: one uniform draw per position (the first token whose cumulative
     probability exceeds it), instead of one Gumbel draw per vocabulary entry, which on CPU costs
-    more than the rest of the sampler together. Tokens of probability 0 are never drawn.
+    more than the rest of the sampler together. The cumulative sum runs in two levels, over blocks
+    of ``_BLOCK`` tokens and then inside the one block the draw falls in, so no [B, L, V] cumulative
+    sum is made: every [B, L, V] step is elementwise or a reduction, which XLA splits over a mesh
+    when the vocabulary is sharded. Tokens of probability 0 are never drawn.
     """
     logits = filter_top_k_top_p(logits.astype(jnp.float32), top_k, top_p)
-    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)  # [B, L, V]
-    u = jax.vmap(lambda k: jax.random.uniform(k, logits.shape[1:2]))(keys)  # [B, L]
-    u = u[..., None] * cdf[..., -1:]  # within the (rounded) total mass
-    return jnp.minimum(jnp.sum(cdf <= u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
+    batch, length, vocab = logits.shape
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # [B, L, V] unnormalised probabilities
+    if vocab % _BLOCK:
+        weights = jnp.pad(weights, ((0, 0), (0, 0), (0, -vocab % _BLOCK)))
+    blocks = weights.reshape(batch, length, -1, _BLOCK)  # [B, L, K, BLOCK]
+    block_mass = jnp.sum(blocks, axis=-1)  # [B, L, K]
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (length,)))(keys)  # [B, L]
+    u = u * block_cdf[..., -1]  # within the (rounded) total mass
+    block = _first_above(block_cdf, u, block_mass > 0)  # [B, L]
+    chosen = jnp.sum(jnp.where((jnp.arange(blocks.shape[2]) == block[..., None])[..., None], blocks, 0.0),
+                     axis=2)  # [B, L, BLOCK]: the block the draw falls in (a sum of zeros and it: exact)
+    before = jnp.where(block > 0, jnp.take_along_axis(block_cdf, jnp.maximum(block - 1, 0)[..., None], -1)[..., 0],
+                       0.0)  # [B, L] mass of the blocks before it
+    token = _first_above(before[..., None] + jnp.cumsum(chosen, axis=-1), u, chosen > 0)
+    return (block * _BLOCK + token).astype(jnp.int32)
+
+
+def _first_above(cdf: jax.Array, u: jax.Array, positive: jax.Array) -> jax.Array:
+    """Index of the first entry of the nondecreasing ``cdf`` [..., N] above ``u`` [...]; where
+    rounding leaves none above it, the last entry of positive mass (``positive`` [..., N])."""
+    n = cdf.shape[-1]
+    first = jnp.sum(cdf <= u[..., None], axis=-1)
+    last_positive = n - 1 - jnp.argmax(positive[..., ::-1], axis=-1)
+    return jnp.where(first < n, first, last_positive)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,10 +17,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # Default layout: experts over "expert", the model dimension over "fsdp", MLP/heads over "tensor",
 # activations' batch over "data" (+ "fsdp", + "expert" when it divides: the MoE layers gather the
-# tokens of an expert group and scatter the results back).
+# tokens of an expert group and scatter the results back). The vocabulary (the embedding's rows and
+# the logits' last axis) over "tensor" and "expert": the logits and the sampler's [B, L, V] work are
+# split over the chips the batch does not use.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp", "expert")),
-    ("vocab", "tensor"),
+    ("vocab", ("tensor", "expert")),
     ("embed", "fsdp"),
     ("q_heads", "tensor"),
     ("kv_heads", None),
@@ -62,6 +64,14 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
         used.update(chosen)
         spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
     return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None, rules=RULES) -> jax.Array:
+    """``x`` laid out on ``mesh`` by its logical ``axes`` (a sharding constraint inside jit); ``x``
+    itself without a mesh."""
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
 
 
 def variable_sharding(var: nnx.Variable, mesh: Mesh, rules=RULES) -> NamedSharding:

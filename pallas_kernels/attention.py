@@ -257,19 +257,20 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, offsets: jax.Array, *, kind: str,
                     window: int | None = None, cache_size: int = 0, blocks: Blocks = Blocks()) -> jax.Array:
-    """q [B, T, N, D], k/v [B, S, K, D], offsets [B] int (causal: position of query 0; canvas: filled
-    cache slots) -> [B, T, N, D]. Differentiable in q, k and v."""
+    """q [B, T, N, D], k/v [B, K, S, D] (heads first, as the KV cache), offsets [B] int (causal:
+    position of query 0; canvas: filled cache slots) -> [B, T, N, D]. Differentiable in q, k and v."""
     b, t, n, d = q.shape
-    s, kh = k.shape[1], k.shape[2]
+    kh, s = k.shape[1], k.shape[2]
     if n % kh or v.shape != k.shape or k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"flash_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit [B, T, N, D] / "
-                         f"[B, S, K, D] with N a multiple of K")
+                         f"[B, K, S, D] with N a multiple of K")
     if kind == "canvas" and not 0 <= cache_size <= s:
         raise ValueError(f"flash_attention: cache_size={cache_size} outside the {s} keys")
     bq, bk = fit(blocks.q, t, 8), fit(blocks.k, s, 8)
     tp, sp = round_up(t, bq), round_up(s, bk)
     mask = Mask(kind, window, cache_size, s)
-    heads_first = lambda x, size: jnp.pad(x, ((0, 0), (0, size - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # noqa: E731
-    o = _attention(heads_first(q, tp), heads_first(k, sp), heads_first(v, sp), offsets.astype(jnp.int32), mask,
+    pad_keys = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, sp - s), (0, 0)))  # noqa: E731
+    q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # [B, N, Tp, D]
+    o = _attention(q, pad_keys(k), pad_keys(v), offsets.astype(jnp.int32), mask,
                    dataclasses.replace(blocks, q=bq, k=bk))
     return o.transpose(0, 2, 1, 3)[:, :t]

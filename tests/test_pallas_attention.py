@@ -15,9 +15,9 @@ def _reference(q, k, v, offsets, kind, window, cache_size):
     b, t = q.shape[:2]
     if kind == "causal":
         positions = offsets[:, None] + jnp.arange(t)[None, :]
-        mask = encoder_mask(positions, k.shape[1], window)
+        mask = encoder_mask(positions, k.shape[2], window)
     else:
-        mask = canvas_mask(offsets, cache_size, k.shape[1] - cache_size, window)
+        mask = canvas_mask(offsets, cache_size, k.shape[2] - cache_size, window)
     return attend(q, k, v, mask)
 
 
@@ -35,7 +35,7 @@ CASES = [  # (kind, B, T, S, N, K, D, offsets, window, cache_size, blocks)
 def test_forward_and_gradients_match_xla(kind, b, t, s, n, kh, d, offsets, window, cache_size, blocks):
     rng = np.random.default_rng(t * s + n)
     q, do = (jnp.asarray(rng.standard_normal((b, t, n, d)), jnp.float32) for _ in range(2))
-    k, v = (jnp.asarray(rng.standard_normal((b, s, kh, d)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((b, kh, s, d)), jnp.float32) for _ in range(2))
     offsets = jnp.asarray(offsets, jnp.int32)
     args = dict(kind=kind, window=window, cache_size=cache_size)
 
@@ -52,6 +52,6 @@ def test_forward_and_gradients_match_xla(kind, b, t, s, n, kh, d, offsets, windo
 def test_bad_shapes_are_named():
     q = jnp.zeros((1, 4, 3, 8))
     with pytest.raises(ValueError, match="N a multiple of K"):
-        flash_attention(q, jnp.zeros((1, 4, 2, 8)), jnp.zeros((1, 4, 2, 8)), jnp.zeros(1, jnp.int32), kind="causal")
+        flash_attention(q, jnp.zeros((1, 2, 4, 8)), jnp.zeros((1, 2, 4, 8)), jnp.zeros(1, jnp.int32), kind="causal")
     with pytest.raises(ValueError, match="mask kind"):
-        flash_attention(q, jnp.zeros((1, 4, 3, 8)), jnp.zeros((1, 4, 3, 8)), jnp.zeros(1, jnp.int32), kind="full")
+        flash_attention(q, jnp.zeros((1, 3, 4, 8)), jnp.zeros((1, 3, 4, 8)), jnp.zeros(1, jnp.int32), kind="full")

@@ -183,6 +183,25 @@ def test_sample_candidates_follow_softmax():
     np.testing.assert_allclose(freq, [0.6, 0.3, 0.1, 0.0], atol=0.015)
 
 
+def test_sample_candidates_is_inverse_cdf_over_many_blocks():
+    """A vocabulary of several blocks (and a ragged last one): each draw is the token where the uniform
+    falls in a float64 cumulative distribution (rounding could move a draw only across a boundary
+    within float32 error, which these draws do not come near); tokens of probability 0, a whole
+    block of them included, are never drawn."""
+    batch, length, vocab = 2, 512, 1000
+    logits = np.asarray(random_logits(5, batch, length, vocab), np.float64) * 3
+    logits[:, :, 256:512] = -np.inf  # the second block has no mass
+    logits[:, :, 900:] = -np.inf
+    keys = jax.random.split(jax.random.key(9), batch)
+    got = np.asarray(sampling.sample_candidates(keys, jnp.asarray(logits, jnp.float32)))
+    u = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, (length,)))(keys), np.float64)  # the draws it makes
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    cdf = np.cumsum(p, -1)
+    want = (cdf <= (u * cdf[..., -1])[..., None]).sum(-1)
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) > 300 and (np.isfinite(np.take_along_axis(logits, got[..., None], -1))).all()
+
+
 def test_uniform_renoise():
     canvas = jnp.asarray(np.random.default_rng(0).integers(0, 50, (3, 16)), jnp.int32)
     accept = jnp.asarray(np.random.default_rng(1).random((3, 16)) < 0.4)

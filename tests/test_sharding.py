@@ -37,7 +37,10 @@ def test_fake_devices_present():
 def test_rules_table():
     mesh = make_mesh({"fsdp": 2, "expert": 4})
     assert logical_to_spec(("expert", "embed", "moe_mlp"), (8, 32, 12), mesh) == P("expert", "fsdp", None)
-    assert logical_to_spec(("vocab", "embed"), (128, 32), mesh) == P(None, "fsdp")
+    assert logical_to_spec(("vocab", "embed"), (128, 32), mesh) == P("expert", "fsdp")
+    # the logits' vocabulary takes the chips the batch leaves free
+    assert logical_to_spec(("batch", None, "vocab"), (8, 4, 128), mesh) == P(("fsdp", "expert"), None, None)
+    assert logical_to_spec(("batch", None, "vocab"), (2, 4, 128), mesh) == P("fsdp", None, "expert")
     # a dimension the mesh axis does not divide stays whole
     assert logical_to_spec(("expert", "embed", "moe_mlp"), (6, 31, 12), mesh) == P(None, None, None)
 
@@ -71,6 +74,40 @@ def test_generate_on_mesh_equals_single_device(hf, shape):
     b = dgemma_jax.generate(sharded, prompt, max_new_tokens=16, seed=3, **DETERMINISTIC)
     np.testing.assert_array_equal(b.sequences, a.sequences)
     np.testing.assert_array_equal(b.steps, a.steps)
+
+
+def test_vocabulary_split_where_the_batch_leaves_chips_free(hf):
+    """Two rows on 8 chips: the batch cannot use ``expert``, so the embedding's rows, the logits and
+    the sampler's [B, L, V] work are split over it; logits and a seeded ``generate`` equal the
+    single-device ones."""
+    single = dgemma_jax.from_pretrained(hf[1], dtype="float32")
+    sharded = dgemma_jax.from_pretrained(hf[1], dtype="float32", mesh=make_mesh({"expert": 8}))
+    assert sharded.module.embedding[...].sharding.spec == P("expert", None)
+    prompt, canvas = _inputs(2)
+    logits = sharded.canvas_logits(prompt, canvas)
+    assert logits.sharding.spec == P(None, None, "expert")
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(single.canvas_logits(prompt, canvas)), rtol=0, atol=1e-5)
+    a = dgemma_jax.generate(single, prompt, max_new_tokens=16, seed=3, **DETERMINISTIC)
+    b = dgemma_jax.generate(sharded, prompt, max_new_tokens=16, seed=3, **DETERMINISTIC)
+    np.testing.assert_array_equal(b.sequences, a.sequences)
+    np.testing.assert_array_equal(b.steps, a.steps)
+
+
+def test_sampler_on_a_split_vocabulary_equals_single_device():
+    """The candidate draw, entropies and argmax on logits whose vocabulary is split over 8 chips (at a
+    sampling temperature, so the draw is not just the argmax)."""
+    from jax.sharding import NamedSharding
+
+    from dgemma_jax import sampling
+
+    logits = jax.random.normal(jax.random.key(0), (2, 64, 2048)) * 2
+    keys = jax.random.split(jax.random.key(1), 2)
+    split = jax.device_put(logits, NamedSharding(make_mesh({"expert": 8}), P(None, None, "expert")))
+    draw = jax.jit(sampling.sample_candidates)
+    np.testing.assert_array_equal(np.asarray(draw(keys, split)), np.asarray(draw(keys, logits)))
+    np.testing.assert_allclose(np.asarray(jax.jit(sampling.entropy)(split)), np.asarray(sampling.entropy(logits)),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: x.argmax(-1))(split)), np.asarray(logits.argmax(-1)))
 
 
 def test_pallas_back_ends_on_a_mesh(hf):

@@ -68,8 +68,8 @@ def test_flash_attention_compiles_for_v5e(mesh, kind, window):
 
     sh = NamedSharding(mesh, P("expert"))
     args = (jax.ShapeDtypeStruct((b, t, n, d), jnp.bfloat16, sharding=sh),
-            jax.ShapeDtypeStruct((b, s, k, d), jnp.bfloat16, sharding=sh),
-            jax.ShapeDtypeStruct((b, s, k, d), jnp.bfloat16, sharding=sh),
+            jax.ShapeDtypeStruct((b, k, s, d), jnp.bfloat16, sharding=sh),
+            jax.ShapeDtypeStruct((b, k, s, d), jnp.bfloat16, sharding=sh),
             jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sh))
     for hlo in _compile_with_grad(attention, *args):
         assert "tpu_custom_call" in hlo
