@@ -3,7 +3,7 @@
     python train/sudoku.py --out runs/sudoku            # data + tokenizer, train, export, evaluate
     python train/sudoku.py --out runs/sudoku --install  # ... and copy the export into the package
 
-The recipe is three stages of ``configs/train/sudoku_scratch.py`` on ``configs/model/sudoku.py``
+The recipe is four stages of ``configs/train/sudoku_scratch.py`` on ``configs/model/sudoku.py``
 (``STAGES`` below); each works in ``OUT/<stage>/`` and skips what it has already written, so an
 interrupted run continues (training resumes from its last checkpoint):
 
@@ -14,6 +14,7 @@ interrupted run continues (training resumes from its last checkpoint):
      ``dgemma sudoku`` clamps them; the first copy of each puzzle still supervises every cell.
   3. ``3-more-held``: from stage 2's export, the same on new puzzles (seed 3) at a lower
      learning rate.
+  4. ``4-more-held``: from stage 3's export, the same again on new puzzles (seed 4).
 
 The tokenizer (Gemma 4 specials + the Sudoku cell tokens), chat template and generation config go
 to ``OUT/assets``. The final export is ``OUT/<last stage>/export``; it is evaluated with
@@ -60,6 +61,7 @@ STAGES = (
     Stage("1-scratch", data_seed=1, puzzles=8_000, hold_givens=False, steps=2_000, lr=2e-3, end_lr=1e-4),
     Stage("2-held-givens", data_seed=2, puzzles=10_000, hold_givens=True, steps=4_400, lr=1e-3, end_lr=3e-5),
     Stage("3-more-held", data_seed=3, puzzles=10_000, hold_givens=True, steps=4_000, lr=5e-4, end_lr=1e-5),
+    Stage("4-more-held", data_seed=4, puzzles=10_000, hold_givens=True, steps=4_000, lr=5e-4, end_lr=1e-5),
 )
 
 
