@@ -26,3 +26,18 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def sudoku_recipe():
+    """train/sudoku.py (not a package module) loaded by path: STAGES, GENERATION_CONFIG, main."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "train" / "sudoku.py"
+    spec = importlib.util.spec_from_file_location("train_sudoku", script)
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(recipe)
+    return recipe

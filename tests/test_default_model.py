@@ -1,5 +1,6 @@
 """The embedded default model: the trained Sudoku model shipped in the package."""
 
+import json
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -24,6 +25,12 @@ def test_ships_complete_and_matches_the_sudoku_config():
     tok = Tokenizer.load(path)
     assert tok.vocab_size == model.config.vocab_size
     assert [tok.token_to_id(s) for s in sudoku.cell_symbols()] == list(range(107, 107 + 819))
+
+
+def test_ships_the_recipes_sampler_settings(sudoku_recipe):
+    """The embedded generation_config.json is what train/sudoku.py writes (settings tuned there)."""
+    shipped = json.loads((default_model.default_model_dir() / "generation_config.json").read_text())
+    assert shipped == sudoku_recipe.GENERATION_CONFIG
 
 
 def test_missing_files_are_named(monkeypatch, tmp_path):
