@@ -53,6 +53,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def progress(message: str) -> None:
+    print(f"[gpu_step {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def median_seconds(fn, repeats: int, sync) -> float:
     fn()
     sync()  # warm-up (compiles)
@@ -75,6 +79,24 @@ def copy_bandwidth() -> float:
     return 2 * buf.nbytes / median_seconds(lambda: copy(buf).block_until_ready(), 5, lambda: None)
 
 
+def random_model(config, dtype, quantize: str = "none"):
+    """(graphdef, state) of ``DiffusionGemma(config)`` with N(0, 0.02) weights in ``dtype`` drawn on the
+    device (never whole on the host), experts then quantised per ``quantize`` (``dgemma_jax.quant``)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dgemma_jax.model import DiffusionGemma
+    from dgemma_jax.quant import quantize as quantize_module
+
+    module = nnx.eval_shape(lambda: DiffusionGemma(config, rngs=nnx.Rngs(0), dtype=dtype))
+    key = jax.random.key(0)
+    draw = jax.jit(lambda k, shape: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype), static_argnums=1)
+    for i, (_, var) in enumerate(v for v in nnx.iter_graph(module) if isinstance(v[1], nnx.Variable)):
+        var.set_value(draw(jax.random.fold_in(key, i), var.shape))
+    return nnx.split(quantize_module(module, quantize))
+
+
 def run_ours(args, quantize: str = "none") -> dict:
     import jax
     import jax.numpy as jnp
@@ -84,21 +106,16 @@ def run_ours(args, quantize: str = "none") -> dict:
     from dgemma_jax.cache import KVCache
     from dgemma_jax.configs_io import load_model_config
     from dgemma_jax.generation import CanvasRows, _denoise_and_commit, eos_rows
-    from dgemma_jax.model import DiffusionGemma
-    from dgemma_jax.quant import quantize as quantize_module
     from dgemma_jax.sampling import SamplerConfig
 
     config = load_model_config(args.config).replace(moe_impl=args.moe_impl)
     dtype = jnp.dtype(args.dtype)
-    module = nnx.eval_shape(lambda: DiffusionGemma(config, rngs=nnx.Rngs(0), dtype=dtype))
-    key = jax.random.key(0)
-    for i, (_, var) in enumerate(v for v in nnx.iter_graph(module) if isinstance(v[1], nnx.Variable)):
-        draw = jax.jit(lambda k, shape=var.shape: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-        var.set_value(draw(jax.random.fold_in(key, i)))
-    graphdef, state = nnx.split(quantize_module(module, quantize))
+    graphdef, state = random_model(config, dtype, quantize)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
 
     bandwidth = copy_bandwidth()
+    progress(f"ours ({quantize}): {weight_bytes / 1e9:.2f} GB of random weights on {jax.devices()[0].device_kind}; "
+             f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
 
     encode = jax.jit(lambda state, tokens: nnx.merge(graphdef, state).encode(
         tokens, KVCache.create(config, tokens.shape[0], tokens.shape[1] + 2 * config.canvas_length, dtype))[1])
@@ -113,6 +130,7 @@ def run_ours(args, quantize: str = "none") -> dict:
         cache = jax.block_until_ready(encode(state, prompt))
         sc = denoise(state, canvas, cache, None).astype(dtype)
         step_s = median_seconds(lambda: denoise(state, canvas, cache, sc).block_until_ready(), args.repeats, lambda: None)
+        progress(f"ours ({quantize}) batch {b}: step {step_s * 1e3:.2f} ms")
         row_keys = jax.random.split(jax.random.key(1), b)
         free = jnp.full((b, config.canvas_length), -1, jnp.int32)
 
@@ -128,6 +146,7 @@ def run_ours(args, quantize: str = "none") -> dict:
 
         canvas_s = median_seconds(loop, max(3, args.repeats // 3), lambda: None)
         rows[b] = dict(step_s=step_s, canvas_s=canvas_s)
+        progress(f"ours ({quantize}) batch {b}: canvas {canvas_s * 1e3:.1f} ms")
     return dict(device=jax.devices()[0].device_kind, weight_bytes=weight_bytes, bandwidth=bandwidth, rows=rows)
 
 
@@ -144,8 +163,7 @@ def run_transformers(args) -> dict:
     dtype = getattr(torch, args.dtype)
     hf = DiffusionGemmaConfig(**config.to_hf_dict())
     torch.manual_seed(0)
-    with torch.device(device):
-        tm = DiffusionGemmaForBlockDiffusion._from_config(hf, dtype=dtype).eval()
+    tm = _materialize(DiffusionGemmaForBlockDiffusion, hf, dtype, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     weight_bytes = sum(p.numel() * p.element_size() for n, p in tm.named_parameters() if "vision" not in n)
     rng = np.random.default_rng(0)
@@ -163,6 +181,7 @@ def run_transformers(args) -> dict:
                                     args.repeats, sync)
             if cache.get_seq_length() != cached:
                 raise RuntimeError("the transformers decoder wrote to the cache; the step timing is invalid")
+            progress(f"transformers batch {b}: step {step_s * 1e3:.2f} ms")
             # stability_threshold = steps keeps adaptive stopping off (see bench/generate.py)
             gen = DiffusionGemmaGenerationConfig(max_denoising_steps=args.steps, stability_threshold=args.steps,
                                                  eos_token_id=None, pad_token_id=0, t_min=0.4, t_max=0.8)
@@ -175,8 +194,46 @@ def run_transformers(args) -> dict:
 
             one, two = (median_seconds(lambda n=n: generate(n), max(3, args.repeats // 3), sync) for n in (1, 2))
         rows[b] = dict(step_s=step_s, canvas_s=two - one)  # the second canvas: its loop and its commit
+        progress(f"transformers batch {b}: canvas {(two - one) * 1e3:.1f} ms")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return dict(device=name, weight_bytes=weight_bytes, rows=rows)
+
+
+def _materialize(cls, hf_config, dtype, device: str):
+    """``cls`` with random weights on ``device``, each tied tensor allocated once.
+
+    A plain build on the device allocates the encoder's and the decoder's copies of every shared
+    weight before ``tie_weights`` drops one (2 x 50 GB for the 26B model, more than an 80 GB card
+    holds). So the model is built with its parameters on the meta device (buffers keep their
+    constructed values), then one tensor per distinct parameter is allocated on ``device`` and
+    filled by the model's own initialisation."""
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:  # a meta one is being tied: keep it, shared
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        model = cls._from_config(hf_config, dtype=dtype)  # ties the encoder's weights to the decoder's
+    finally:
+        torch.nn.Module.register_parameter = register
+    made = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                if id(p) not in made:
+                    made[id(p)] = torch.nn.Parameter(torch.empty_like(p, device=device), requires_grad=False)
+                module._parameters[name] = made[id(p)]
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = b.to(device)
+        module._is_hf_initialized = False
+    model.initialize_weights()
+    return model.eval()
 
 
 def main(argv=None) -> int:
@@ -191,13 +248,16 @@ def main(argv=None) -> int:
     results = {}
     for side in args.sides.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--side", side, *(argv if argv is not None else sys.argv[1:])]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT,
-                                                                              XLA_PYTHON_CLIENT_MEM_FRACTION=".92"))
+        start = time.perf_counter()
+        path = os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH"))))
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True,  # stderr (progress) passes through
+                              env=dict(os.environ, PYTHONPATH=path, XLA_PYTHON_CLIENT_MEM_FRACTION=".92"))
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
-            print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
+            print(proc.stdout[-3000:], file=sys.stderr)
             raise SystemExit(f"{side}: failed (exit {proc.returncode})")
         results[side] = json.loads(lines[-1][len("RESULT "):])
+        progress(f"{side}: done in {time.perf_counter() - start:.0f} s: {lines[-1][len('RESULT '):]}")
     ours = results.get("ours")
     print(f"config {os.path.relpath(args.config, ROOT)} | {args.dtype} | context {args.context} | "
           f"{args.steps} passes per canvas | device {next(iter(results.values()))['device']}")

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU numbers of issue 6 on a lent H100 (docs/scaling.md, "One H100"), in calls that each end
+# within the device tool's 10-minute limit. Run from the repository root; the wheels the machine
+# lacks (transformers >= 5.24 for the oracle, ml-collections; flax only if the machine's is older
+# than ours) sit in .whl/ (carried).
+#   bench/gpu_session.sh start        # moe.py, then gpu_step.py in the background with the MoE back
+#                                     # end that won at 1,024 tokens; follows its log
+#   bench/gpu_session.sh step ARGS    # gpu_step.py ARGS in the background; follows its log
+#   bench/gpu_session.sh wait         # follows the log of the gpu_step.py started before, to its end
+# MOE_ARGS passes options to moe.py; BUDGET_S (default 560) is how long a call follows the log.
+set -uo pipefail
+OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
+LOG=/tmp/gpu_step.log PID=/tmp/gpu_step.pid
+DEADLINE=$((SECONDS + ${BUDGET_S:-560}))
+export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD"
+
+install() {
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+    python3 -c "import flax, sys; sys.exit(tuple(map(int, flax.__version__.split('.')[:3])) < (0, 12, 8))" ||
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site --upgrade \
+            .whl/fallback/*.whl
+}
+
+launch() {  # gpu_step.py "$@" in its own session: it outlives this call, the machine stays warm
+    setsid nohup python3 bench/gpu_step.py "$@" > $LOG 2>&1 < /dev/null &
+    echo $! > $PID
+}
+
+follow() {  # print the log's new lines until gpu_step.py ends or the budget is spent
+    local shown=0 n
+    while [ $SECONDS -lt $DEADLINE ]; do
+        n=$(wc -l < $LOG)
+        [ "$n" -gt "$shown" ] && sed -n "$((shown + 1)),${n}p" $LOG && shown=$n
+        kill -0 "$(cat $PID)" 2> /dev/null || break
+        sleep 5
+    done
+    cp $LOG "$OUT/gpu_step.log"
+    kill -0 "$(cat $PID)" 2> /dev/null && echo "gpu_step.py still running: call 'wait'" || echo "gpu_step.py finished"
+}
+
+case "${1:-start}" in
+start)
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+    install
+    python3 -c "import jax, flax, transformers, torch; print('jax', jax.__version__, 'flax', flax.__version__,
+'transformers', transformers.__version__, 'torch', torch.__version__, jax.devices())" || exit 1
+    python3 bench/moe.py --repeats 10 ${MOE_ARGS:-} 2>&1 | grep -v "^[EWI]0000" | tee "$OUT/moe.log"
+    impl=$(sed -n 's/^fastest at 1024 tokens, none weights: \([a-z]*\) .*/\1/p' "$OUT/moe.log")
+    echo "gpu_step.py --moe-impl ${impl:=auto}"
+    launch --moe-impl "$impl"
+    follow
+    ;;
+step)
+    shift
+    install
+    launch "$@"
+    follow
+    ;;
+wait)
+    follow
+    ;;
+*)
+    echo "usage: bench/gpu_session.sh start|step ARGS|wait" >&2; exit 2
+    ;;
+esac

@@ -1,0 +1,63 @@
+"""The parts of the GPU benchmarks that decide what they measure, run here on CPU."""
+
+import torch
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+from bench.gpu_profile import summarize
+from bench.gpu_step import _materialize
+from tests import oracle
+
+
+def _tie_groups(model):
+    groups = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(p.data_ptr(), []).append(name)
+    return sorted(sorted(names) for names in groups.values())
+
+
+def test_materialized_transformers_model_is_the_plain_build():
+    """gpu_step builds the peer on the meta device and allocates each tied tensor once (the plain
+    build of the 26B model holds both copies of the shared weights: more than an 80 GB card). The
+    result must be the model a plain build gives: same parameters, the same ties, the same buffers,
+    the same constant initialisations, nothing left on meta."""
+    cfg = DiffusionGemmaConfig(text_config=oracle.text_config(), vision_config=dict(oracle.TINY_VISION),
+                               canvas_length=8)
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(0)
+    plain = DiffusionGemmaForBlockDiffusion._from_config(cfg, dtype=torch.float32).eval()
+    built = _materialize(DiffusionGemmaForBlockDiffusion, cfg, torch.float32, "cpu")
+
+    ours, theirs = dict(built.named_parameters()), dict(plain.named_parameters())
+    assert ours.keys() == theirs.keys()
+    assert _tie_groups(built) == _tie_groups(plain)
+    assert any(len(group) > 1 for group in _tie_groups(built))  # the encoder shares the decoder's weights
+    for name, p in theirs.items():
+        q = ours[name]
+        assert (q.shape, q.dtype, q.device.type) == (p.shape, p.dtype, "cpu"), name
+        assert torch.isfinite(q).all(), name
+        if p.numel() == 1 or p.std() == 0:  # constant inits (norm scales, router scales) must match
+            assert torch.equal(q, p), name
+        else:
+            assert 0.5 < float(q.std() / p.std()) < 2, name
+    buffers = dict(plain.named_buffers())
+    assert dict(built.named_buffers()).keys() == buffers.keys()
+    for name, b in built.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+
+    prompt, canvas = torch.randint(0, cfg.text_config.vocab_size, (2, 1, 8))
+    with torch.no_grad():
+        assert torch.isfinite(built(input_ids=prompt, decoder_input_ids=canvas).logits).all()
+
+
+def test_profile_summary_sums_per_step_and_folds_numbering():
+    events = [("XLA Ops", "fusion.1", 3_000_000), ("XLA Ops", "fusion.2", 1_000_000),
+              ("XLA Ops", "gemm_7", 2_000_000), ("Stream #1", "kernel_a", 9_000_000),
+              ("Stream #2", "kernel_b", 4_000_000)]
+    s = summarize(events, steps=2, top=5)
+    assert s["ops_line"] == "XLA Ops"
+    assert s["lines"] == {"XLA Ops": 3.0, "Stream #1": 4.5, "Stream #2": 2.0}
+    assert s["ops_per_step"] == 1.5
+    assert s["grouped"] == [("fusion", 2.0), ("gemm", 1.0)]
+    assert s["top"][0] == ("fusion.1", 1.5)
+    # without an "XLA Ops" line the busiest line's kernels are listed
+    assert summarize(events[3:], steps=1, top=5)["ops_line"] == "Stream #1"
