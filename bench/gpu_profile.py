@@ -78,20 +78,14 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
-    from bench.gpu_step import median_seconds, random_model
-    from dgemma_jax.cache import KVCache
+    from bench.gpu_step import denoise_pass, median_seconds, random_model
     from dgemma_jax.configs_io import load_model_config
 
     full = load_model_config(args.config)
     config = full.replace(layer_types=full.layer_types[:args.layers], moe_impl=args.moe_impl)
     dtype = jnp.dtype(args.dtype)
     graphdef, state = random_model(config, dtype, args.quantize)
-    encode = jax.jit(lambda state, tokens: nnx.merge(graphdef, state).encode(
-        tokens, KVCache.create(config, tokens.shape[0], tokens.shape[1] + config.canvas_length, dtype))[1])
-    denoise = jax.jit(lambda state, canvas, cache, sc: nnx.merge(graphdef, state).denoise(
-        canvas, cache, sc, jnp.ones((canvas.shape[0],), bool)))
     rng = np.random.default_rng(0)
     print(f"config {os.path.relpath(args.config, ROOT)}, first {config.num_layers} of {full.num_layers} layers | "
           f"{args.dtype} | experts {args.quantize} | moe {args.moe_impl} | context {args.context} | "
@@ -99,15 +93,12 @@ def main(argv=None) -> int:
     plane = "/host:CPU" if jax.default_backend() == "cpu" else "/device:"
     report = {}
     for b in args.batch:
-        prompt = jnp.asarray(rng.integers(0, config.vocab_size, (b, args.context)), jnp.int32)
-        canvas = jnp.asarray(rng.integers(0, config.vocab_size, (b, config.canvas_length)), jnp.int32)
-        cache = jax.block_until_ready(encode(state, prompt))
-        sc = denoise(state, canvas, cache, None).astype(dtype)
-        step = median_seconds(lambda: denoise(state, canvas, cache, sc).block_until_ready(), args.repeats, lambda: None)
+        run, _ = denoise_pass(graphdef, state, config, dtype, b, args.context, rng)
+        step = median_seconds(run, args.repeats, lambda: None)
         with tempfile.TemporaryDirectory() as trace_dir:
             jax.profiler.start_trace(trace_dir)
             for _ in range(args.traced):
-                denoise(state, canvas, cache, sc).block_until_ready()
+                run()
             jax.profiler.stop_trace()
             summary = summarize(device_events(trace_dir, plane), args.traced, args.top)
         busy = summary["lines"].get(summary["ops_line"], 0.0)

@@ -97,13 +97,32 @@ def random_model(config, dtype, quantize: str = "none"):
     return nnx.split(quantize_module(module, quantize))
 
 
+def denoise_pass(graphdef, state, config, dtype, batch: int, context: int, rng):
+    """One canvas pass of ``batch`` random canvases, with the self-conditioning logits of a first
+    pass, over a cache of ``context`` random prompt tokens (room for two canvases more).
+    -> (step: runs the pass once and waits for it, the cache)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dgemma_jax.cache import KVCache
+
+    encode = jax.jit(lambda state, tokens: nnx.merge(graphdef, state).encode(
+        tokens, KVCache.create(config, tokens.shape[0], tokens.shape[1] + 2 * config.canvas_length, dtype))[1])
+    denoise = jax.jit(lambda state, canvas, cache, sc: nnx.merge(graphdef, state).denoise(
+        canvas, cache, sc, jnp.ones((canvas.shape[0],), bool)))
+    prompt = jnp.asarray(rng.integers(0, config.vocab_size, (batch, context)), jnp.int32)
+    canvas = jnp.asarray(rng.integers(0, config.vocab_size, (batch, config.canvas_length)), jnp.int32)
+    cache = jax.block_until_ready(encode(state, prompt))
+    sc = denoise(state, canvas, cache, None).astype(dtype)
+    return lambda: denoise(state, canvas, cache, sc).block_until_ready(), cache
+
+
 def run_ours(args, quantize: str = "none") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
-    from dgemma_jax.cache import KVCache
     from dgemma_jax.configs_io import load_model_config
     from dgemma_jax.generation import CanvasRows, _denoise_and_commit, eos_rows
     from dgemma_jax.sampling import SamplerConfig
@@ -117,19 +136,12 @@ def run_ours(args, quantize: str = "none") -> dict:
     progress(f"ours ({quantize}): {weight_bytes / 1e9:.2f} GB of random weights on {jax.devices()[0].device_kind}; "
              f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
 
-    encode = jax.jit(lambda state, tokens: nnx.merge(graphdef, state).encode(
-        tokens, KVCache.create(config, tokens.shape[0], tokens.shape[1] + 2 * config.canvas_length, dtype))[1])
-    denoise = jax.jit(lambda state, canvas, cache, sc: nnx.merge(graphdef, state).denoise(
-        canvas, cache, sc, jnp.ones((canvas.shape[0],), bool)))
     sampler = SamplerConfig(max_denoising_steps=args.steps, confidence_threshold=0.0)
     rng = np.random.default_rng(0)
     rows = {}
     for b in args.batch:
-        prompt = jnp.asarray(rng.integers(0, config.vocab_size, (b, args.context)), jnp.int32)
-        canvas = jnp.asarray(rng.integers(0, config.vocab_size, (b, config.canvas_length)), jnp.int32)
-        cache = jax.block_until_ready(encode(state, prompt))
-        sc = denoise(state, canvas, cache, None).astype(dtype)
-        step_s = median_seconds(lambda: denoise(state, canvas, cache, sc).block_until_ready(), args.repeats, lambda: None)
+        step, cache = denoise_pass(graphdef, state, config, dtype, b, args.context, rng)
+        step_s = median_seconds(step, args.repeats, lambda: None)
         progress(f"ours ({quantize}) batch {b}: step {step_s * 1e3:.2f} ms")
         row_keys = jax.random.split(jax.random.key(1), b)
         free = jnp.full((b, config.canvas_length), -1, jnp.int32)
