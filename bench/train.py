@@ -12,7 +12,7 @@ AdamW update. The AR term is off on both sides (``ar_weight 0``): transformers' 
 the prompt and denoises the canvas against that cache in one call, so an AR loss over the
 response would need a second encoder pass there.
   ours: ``dgemma_jax.training.trainer.make_train_step`` (jitted once; MoE back end as the trainer
-        picks it: ``dense`` on CPU, ``ragged`` elsewhere; ``--moe-impl`` overrides).
+        picks it: ``dense`` on CPU, ``bucketed`` on GPU, ``pallas`` on TPU; ``--moe-impl`` overrides).
   transformers: ``model(input_ids=prompt, decoder_input_ids=noisy)`` under ``no_grad`` for the
         self-conditioning logits, then ``model(..., self_conditioning_logits=..., self_conditioning_mask=...)``,
         ``loss.backward()``, ``clip_grad_norm_``, ``torch.optim.AdamW.step()`` (eager, float32).

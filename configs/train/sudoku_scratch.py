@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
                 config="configs/model/sudoku.py",  # ... with this architecture
                 assets="runs/sudoku/assets",  # tokenizer.model, chat template, generation_config.json
                 dtype="float32",
-                moe_impl="auto",  # training back end: dense on CPU, ragged elsewhere
+                moe_impl="auto",  # training back end: dense on CPU, bucketed on GPU, pallas on TPU
                 remat=False,
             ),
             data=dict(
