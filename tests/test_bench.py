@@ -49,15 +49,16 @@ def test_materialized_transformers_model_is_the_plain_build():
         assert torch.isfinite(built(input_ids=prompt, decoder_input_ids=canvas).logits).all()
 
 
-def test_profile_summary_sums_per_step_and_folds_numbering():
-    events = [("XLA Ops", "fusion.1", 3_000_000), ("XLA Ops", "fusion.2", 1_000_000),
-              ("XLA Ops", "gemm_7", 2_000_000), ("Stream #1", "kernel_a", 9_000_000),
-              ("Stream #2", "kernel_b", 4_000_000)]
+def test_profile_summary_sums_the_streams_per_step_and_folds_numbering():
+    events = [("Stream #14", "fusion.1", 3_000_000), ("Stream #14", "fusion.2", 1_000_000),
+              ("Stream #14", "gemm_7", 2_000_000), ("Stream #272", "fusion.3", 4_000_000),
+              ("XLA Modules", "jit_denoise", 12_000_000)]
     s = summarize(events, steps=2, top=5)
-    assert s["ops_line"] == "XLA Ops"
-    assert s["lines"] == {"XLA Ops": 3.0, "Stream #1": 4.5, "Stream #2": 2.0}
-    assert s["ops_per_step"] == 1.5
-    assert s["grouped"] == [("fusion", 2.0), ("gemm", 1.0)]
-    assert s["top"][0] == ("fusion.1", 1.5)
-    # without an "XLA Ops" line the busiest line's kernels are listed
-    assert summarize(events[3:], steps=1, top=5)["ops_line"] == "Stream #1"
+    assert s["busy_lines"] == ["Stream #14", "Stream #272"]  # the conditional's stream counts too
+    assert s["lines"] == {"Stream #14": 3.0, "Stream #272": 2.0, "XLA Modules": 6.0}
+    assert s["busy_ms"] == 5.0 and s["ops_per_step"] == 2.0
+    assert s["grouped"] == [("fusion", 4.0), ("gemm", 1.0)]
+    assert s["top"][0] == ("fusion.3", 2.0)
+    # without streams (CPU threads) the busiest line's ops are listed
+    cpu = summarize([("python", "a", 9_000_000), ("worker", "b", 4_000_000)], steps=1, top=5)
+    assert cpu["busy_lines"] == ["python"] and cpu["busy_ms"] == 9.0
