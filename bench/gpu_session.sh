@@ -45,7 +45,7 @@ start)
     python3 -c "import jax, flax, transformers, torch; print('jax', jax.__version__, 'flax', flax.__version__,
 'transformers', transformers.__version__, 'torch', torch.__version__, jax.devices())" || exit 1
     python3 bench/moe.py --repeats 10 ${MOE_ARGS:-} 2>&1 | grep -v "^[EWI]0000" | tee "$OUT/moe.log"
-    impl=$(sed -n 's/^fastest at 1024 tokens, none weights: \([a-z]*\) .*/\1/p' "$OUT/moe.log")
+    impl=$(sed -n 's/^fastest at 1024 tokens, none weights: \([a-z_]*\) .*/\1/p' "$OUT/moe.log")
     echo "gpu_step.py --moe-impl ${impl:=auto}"
     launch --moe-impl "$impl"
     follow

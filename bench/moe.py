@@ -11,6 +11,8 @@ One MoE layer (routing included) of ``--config`` with random weights in ``--dtyp
   ragged    sort by expert + ``jax.lax.ragged_dot`` grouped matmuls
   bucketed  sort by expert into an [E, C, H] capacity layout (C: a power of two holding the largest
             group, chosen at run time; never drops a token) + batched einsums
+  pallas_gpu  sort by expert + the two Pallas (Triton) kernels of ``pallas_kernels.expert_ffn``
+            (interpreted off GPU, so slow there)
   tiled     sort + segment: one loop over experts, small matmuls over each expert's filled tiles
   dense     every token through every expert (the reference; skipped above ``--dense-max`` tokens)
 each also with int8 experts (``dgemma_jax.quant``). The floor is the expert bytes the layer reads
@@ -18,6 +20,11 @@ each also with int8 experts (``dgemma_jax.quant``). The floor is the expert byte
 is checked against ``dense`` (or ``ragged`` where dense is skipped) before it is timed. The last
 lines name the fastest per size: the GPU default (``moe.resolve_impl``) should be the one that
 wins at serving sizes.
+
+``--tilings`` (default: the default tiling and one change of it at a time, on GPU; none elsewhere)
+also times the ``pallas_gpu`` kernels alone, on the rows of that batch already sorted by expert,
+under each ``GpuTiling``; written ``bm=16,bk=256,num_warps=8``, one tiling per argument, ``default``
+for the defaults. The fastest is the one to make ``GpuTiling``'s default.
 """
 
 from __future__ import annotations
@@ -26,7 +33,26 @@ import argparse
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMPLS = ("ragged", "bucketed", "tiled", "dense")
+IMPLS = ("ragged", "bucketed", "pallas_gpu", "tiled", "dense")
+# one change at a time around GpuTiling's defaults (bm: None = from the average group size)
+GPU_TILINGS = ("default", "bm=16", "bm=32", "bn=32", "bk=256", "bn_down=64", "bk_down=128", "num_warps=8",
+               "num_stages=2", "num_stages=4")
+
+
+def parse_tiling(text: str):
+    """``bm=16,num_warps=8`` (or ``default``) -> ``GpuTiling``; a clear error for an unknown field."""
+    import dataclasses
+
+    from pallas_kernels.expert_ffn import GpuTiling
+
+    fields = {f.name for f in dataclasses.fields(GpuTiling)} - {"interpret"}
+    values = {}
+    for item in filter(None, text.split(",")) if text != "default" else ():
+        name, _, value = item.partition("=")
+        if name not in fields or not value.isdigit():
+            raise SystemExit(f"--tilings {text!r}: {item!r} is not NAME=INT with NAME one of {', '.join(sorted(fields))}")
+        values[name] = int(value)
+    return GpuTiling(**values)
 
 
 def main(argv=None) -> int:
@@ -38,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--quantize", default="none,int8")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--dense-max", type=int, default=1024, help="largest token count dense runs at")
+    p.add_argument("--tilings", nargs="*", default=None, help="GpuTiling variants of the pallas_gpu kernels to time")
     args = p.parse_args(argv)
 
     import jax
@@ -51,6 +78,9 @@ def main(argv=None) -> int:
     from dgemma_jax.moe import MoE
 
     config = load_model_config(args.config)
+    if args.tilings is None:
+        args.tilings = GPU_TILINGS if jax.default_backend() == "gpu" else ()
+    tilings = [parse_tiling(t) for t in args.tilings]
     dtype = jnp.dtype(args.dtype)
     layers = {mode: quant.quantize(MoE(config, rngs=nnx.Rngs(0), dtype=dtype), mode)
               for mode in args.quantize.split(",")}
@@ -58,7 +88,7 @@ def main(argv=None) -> int:
     print(f"config {os.path.relpath(args.config, ROOT)} | {args.dtype} | {config.num_experts} experts, top-"
           f"{config.num_experts_per_tok}, H {config.hidden_size}, I {config.moe_intermediate_size} | device "
           f"{jax.devices()[0].device_kind} | copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    print(f"{'tokens':>7}{'weights':>8}{'impl':>10}{'ms':>10}{'x floor':>9}")
+    print(f"{'tokens':>7}{'weights':>8}{'impl':>12}{'ms':>10}{'x floor':>9}")
     rng = np.random.default_rng(0)
     for canvases in args.canvases:
         n = canvases * config.canvas_length
@@ -87,11 +117,41 @@ def main(argv=None) -> int:
                     raise SystemExit(f"{impl} ({mode}): output differs from the reference by {err:.2e} (relative)")
                 seconds = median_seconds(lambda: run(state, x).block_until_ready(), args.repeats, lambda: None)
                 best.setdefault(mode, []).append((seconds, impl))
-                print(f"{n:>7}{mode:>8}{impl:>10}{seconds * 1e3:>10.3f}{seconds / floor:>9.2f}", flush=True)
+                print(f"{n:>7}{mode:>8}{impl:>12}{seconds * 1e3:>10.3f}{seconds / floor:>9.2f}", flush=True)
+            if tilings:
+                time_tilings(module, x[0], tilings, floor, args.repeats, f"{n:>7}{mode:>8}")
         for mode, times in best.items():
             seconds, impl = min(times)
             print(f"fastest at {n} tokens, {mode} weights: {impl} ({seconds * 1e3:.3f} ms)")
     return 0
+
+
+def time_tilings(module, x, tilings, floor: float, repeats: int, prefix: str) -> None:
+    """The ``pallas_gpu`` kernels alone on ``x`` [N, H]'s rows sorted by expert, per tiling."""
+    import jax
+    import numpy as np
+
+    from bench.gpu_step import median_seconds
+    from dgemma_jax.moe import _sort_by_expert
+    from pallas_kernels.expert_ffn import expert_ffn
+
+    experts = [getattr(module, name)[...] for name in ("gate", "up", "down")]
+    scales = [None if v is None else v[...] for v in (module.gate_scale, module.up_scale, module.down_scale)]
+    _, ids = module.route(x)
+    _, token, _, sizes = _sort_by_expert(ids, module.config.num_experts)
+    rows = x[token]  # [N*K, H]
+    reference = None
+    for tiling in tilings:
+        run = jax.jit(lambda rows, sizes, w, t=tiling: expert_ffn(rows, sizes, *w, tiling=t))
+        y = np.asarray(run(rows, sizes, (*experts, *scales)), np.float32)
+        reference = y if reference is None else reference
+        if not np.allclose(y, reference, rtol=2e-2, atol=2e-2 * np.abs(reference).max()):
+            raise SystemExit(f"pallas_gpu {tiling}: output differs from the first tiling's")
+        seconds = median_seconds(lambda: run(rows, sizes, (*experts, *scales)).block_until_ready(), repeats,
+                                 lambda: None)
+        changed = {k: v for k, v in vars(tiling).items() if v != getattr(type(tiling)(), k)}
+        name = ",".join(f"{k}={v}" for k, v in changed.items()) or "default"
+        print(f"{prefix}  kernels: {name:<16}{seconds * 1e3:>10.3f}{seconds / floor:>9.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import Any
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 _SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
-MOE_IMPLS = ("auto", "ragged", "pallas", "tiled", "bucketed", "dense")
+MOE_IMPLS = ("auto", "ragged", "pallas", "pallas_gpu", "tiled", "bucketed", "dense")
 
 
 class ConfigError(ValueError):

@@ -5,6 +5,10 @@ Back ends (``config.moe_impl``); all but ``dense`` compute only the chosen exper
               TPU; XLA:CPU lowers it to a masked dense product over all experts).
   ``pallas``: the same with the Pallas grouped matmul of ``pallas_kernels.grouped_matmul`` (Mosaic on
               TPU, interpreted elsewhere; it has a custom VJP for training).
+  ``pallas_gpu``: tokens sorted by expert through the two Pallas kernels (Triton on GPU, interpreted
+              elsewhere) of ``pallas_kernels.expert_ffn``: gate/up with the GELU product fused in,
+              then down; each expert's weights read once per row tile, int8 converted in registers.
+              Forward only (serving). Not yet timed on a GPU, so not the GPU default.
   ``tiled``:  tokens sorted by expert into tiles of one expert each; a loop over experts runs small
               matmuls over that expert's filled tiles only. The CPU back end (inference: its loops
               have data-dependent trip counts, so it has no reverse-mode gradient).
@@ -203,8 +207,16 @@ def _dense(x, weights, key, w: ExpertWeights):
     return jnp.einsum("enh,ne->nh", y.astype(jnp.float32), gates)
 
 
-EXPERTS = {"ragged": _grouped(jax.lax.ragged_dot), "pallas": _grouped(_pallas_matmul), "tiled": _tiled,
-           "bucketed": _bucketed, "dense": _dense}
+def _pallas_gpu(x, weights, key, w: ExpertWeights):
+    from pallas_kernels.expert_ffn import expert_ffn
+
+    order, token, _, sizes = _sort_by_expert(key, w.gate.shape[0])
+    y = expert_ffn(x[token], sizes, *w)  # [N*K, H]; other shards' rows are zero
+    return _combine(y, weights, order, token, x.shape[0])
+
+
+EXPERTS = {"ragged": _grouped(jax.lax.ragged_dot), "pallas": _grouped(_pallas_matmul), "pallas_gpu": _pallas_gpu,
+           "tiled": _tiled, "bucketed": _bucketed, "dense": _dense}
 
 
 def _moe(impl, top_k, eps, offset, x_route, x_expert, proj, scale, expert_scale, w: ExpertWeights):

@@ -62,3 +62,17 @@ def test_profile_summary_sums_the_streams_per_step_and_folds_numbering():
     # without streams (CPU threads) the busiest line's ops are listed
     cpu = summarize([("python", "a", 9_000_000), ("worker", "b", 4_000_000)], steps=1, top=5)
     assert cpu["busy_lines"] == ["python"] and cpu["busy_ms"] == 9.0
+
+
+def test_moe_bench_tilings_parse():
+    """bench/moe.py's tiling sweep: every default variant is a valid GpuTiling, and a typo is an error."""
+    import pytest
+
+    from bench.moe import GPU_TILINGS, parse_tiling
+    from pallas_kernels.expert_ffn import GpuTiling
+
+    assert parse_tiling("default") == GpuTiling()
+    assert parse_tiling("bm=16,num_warps=8") == GpuTiling(bm=16, num_warps=8)
+    assert len({parse_tiling(t) for t in GPU_TILINGS}) == len(GPU_TILINGS)
+    with pytest.raises(SystemExit, match="'warps=8' is not NAME=INT"):
+        parse_tiling("warps=8")

@@ -17,7 +17,7 @@ def _moe(impl, experts=8, top_k=2):
     return MoE(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "pallas", "tiled", "bucketed"])
+@pytest.mark.parametrize("impl", ["ragged", "pallas", "pallas_gpu", "tiled", "bucketed"])
 @pytest.mark.parametrize("tokens", [1, 7, 64])
 def test_routed_equals_dense(impl, tokens):
     x = jax.random.normal(jax.random.key(tokens), (tokens, 24))
@@ -25,7 +25,7 @@ def test_routed_equals_dense(impl, tokens):
     np.testing.assert_allclose(np.asarray(routed(x, x)), np.asarray(dense(x, x)), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "pallas", "tiled", "bucketed"])
+@pytest.mark.parametrize("impl", ["ragged", "pallas", "pallas_gpu", "tiled", "bucketed"])
 def test_all_tokens_on_one_expert(impl):
     """Empty groups everywhere but one, and a group larger than a tile."""
     dense, routed = _moe("dense", top_k=1), _moe(impl, top_k=1)
@@ -37,7 +37,7 @@ def test_all_tokens_on_one_expert(impl):
     np.testing.assert_allclose(np.asarray(routed(x, x)), np.asarray(dense(x, x)), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "pallas", "tiled", "bucketed", "dense"])
+@pytest.mark.parametrize("impl", ["ragged", "pallas", "pallas_gpu", "tiled", "bucketed", "dense"])
 def test_expert_shards_add_up_to_the_whole(impl):
     """What each device of an ``expert`` mesh computes: the share of its experts (offset, local
     weights); assignments to other shards' experts contribute exactly zero. The shares sum to the
@@ -79,3 +79,11 @@ def test_auto_picks_the_measured_back_end_per_platform():
     assert [moe_lib.resolve_impl("auto", p) for p in ("gpu", "tpu", "cpu")] == ["bucketed", "pallas", "tiled"]
     assert [training_moe_impl("auto", p) for p in ("gpu", "tpu", "cpu")] == ["bucketed", "pallas", "dense"]
     assert moe_lib.resolve_impl("ragged", "gpu") == "ragged"
+
+
+@pytest.mark.parametrize("impl", ["tiled", "pallas_gpu"])
+def test_training_refuses_forward_only_back_ends(impl):
+    from dgemma_jax.training.trainer import TrainError, training_moe_impl
+
+    with pytest.raises(TrainError, match=f"moe_impl='{impl}' has no gradient"):
+        training_moe_impl(impl, "gpu")

@@ -93,7 +93,7 @@ def test_self_conditioning_changes_logits(pair):
     assert diff.max() > 100 * ATOL
 
 
-@pytest.mark.parametrize("impl", ["ragged", "pallas", "tiled", "bucketed"])
+@pytest.mark.parametrize("impl", ["ragged", "pallas", "pallas_gpu", "tiled", "bucketed"])
 def test_moe_back_ends_match_dense_reference(tmp_path, impl):
     """Each routed back end equals the all-experts reference (and so transformers)."""
     ref = oracle.build(seed=7, num_experts=6, top_k_experts=2)

@@ -37,7 +37,7 @@ def _layer(impl):
     return moe_lib.MoE(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32)
 
 
-@pytest.mark.parametrize("impl", ["ragged", "pallas", "tiled", "bucketed", "dense"])
+@pytest.mark.parametrize("impl", ["ragged", "pallas", "pallas_gpu", "tiled", "bucketed", "dense"])
 def test_back_ends_apply_the_scales(impl):
     """A quantised layer equals the float layer holding the dequantised weights."""
     layer = _layer(impl)

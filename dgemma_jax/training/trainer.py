@@ -61,9 +61,11 @@ def build_optimizer(optim: ml_collections.ConfigDict, steps: int) -> tuple[optax
 def training_moe_impl(name: str, platform: str | None = None) -> str:
     """The MoE back end to train with: ``auto`` is ``dense`` on CPU (XLA:CPU runs ``ragged_dot`` and its
     gradient as masked dense products, 2.3x slower than the plain dense one in bench/train.py) and
-    what inference picks elsewhere (``pallas`` on TPU, ``bucketed`` on GPU). ``tiled`` has no gradient."""
-    if name == "tiled":
-        raise TrainError("model.moe_impl='tiled' has no gradient; use 'auto', 'ragged', 'pallas' or 'dense'")
+    what inference picks elsewhere (``pallas`` on TPU, ``bucketed`` on GPU). ``tiled`` and ``pallas_gpu``
+    have no gradient."""
+    if name in ("tiled", "pallas_gpu"):
+        raise TrainError(f"model.moe_impl={name!r} has no gradient; use 'auto', 'ragged', 'pallas', 'bucketed' or "
+                         "'dense'")
     if name == "auto":
         platform = platform or jax.default_backend()
         return "dense" if platform == "cpu" else resolve_impl(name, platform)

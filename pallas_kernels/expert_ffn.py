@@ -1,0 +1,192 @@
+"""The whole expert FFN of a MoE layer as two Pallas kernels for GPU (Triton), ``interpret=True`` elsewhere.
+
+``rows`` [M, H] are sorted by expert: expert ``g`` owns the rows ``[start_g, start_g + size_g)``,
+``start = cumsum(sizes) - sizes``. For each expert, over its rows only,
+
+    gelu_tanh(rows @ gate[g]) * (rows @ up[g]) @ down[g]
+
+Rows after the last group come out as zero (on an ``expert`` mesh they are other shards' work).
+Weights are float, or int8 with per-output-channel float32 scales (``dgemma_jax.quant``): the int8
+tiles are read as int8 and converted in registers, the scale applied to the float32 accumulator.
+
+Why two kernels instead of XLA's batched einsums (``moe_impl="bucketed"``): each expert's weights
+are read once per row tile its rows fill, with no capacity padding and no run-time choice of
+program, and the gate and up products share one pass over the rows with the GELU product fused
+into their epilogue.
+
+The kernels walk a list of *visits*: (expert, first row, end row) tiles of at most ``bm`` rows of
+one expert each, in row order. The list has a static length (``M // bm + E``, the most there can
+be); visits past the real count return at once. Grid: (visit, output column block), visits fastest,
+so the tiles of one expert run side by side and share its weight tiles through L2.
+
+Forward only (serving); training on GPU uses ``moe_impl="bucketed"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTiling:
+    """Block sizes (powers of two, at least 16: Triton's dot) and Triton launch settings.
+
+    ``bm``: rows per visit; None = the average group size rounded up to a power of two, 16..128.
+    ``bn``, ``bk``: output columns and contracted dim per step of the gate/up kernel (over H);
+    ``bn_down``, ``bk_down``: the same for the down kernel (over the expert width I). A block larger
+    than a dim's largest power-of-two divisor is lowered to it; a dim with no such divisor of at
+    least 16 is zero-padded (only small test shapes). ``interpret``: None = interpret unless the
+    default backend is GPU."""
+
+    bm: int | None = None
+    bn: int = 64
+    bk: int = 128
+    bn_down: int = 128
+    bk_down: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    interpret: bool | None = None
+
+    def run_interpreted(self) -> bool:
+        return jax.default_backend() != "gpu" if self.interpret is None else self.interpret
+
+    def rows_per_visit(self, rows: int, groups: int) -> int:
+        if self.bm is not None:
+            return self.bm
+        return int(min(128, max(16, pl.next_power_of_2(max(1, -(-rows // groups))))))
+
+
+def _block(requested: int, dim: int) -> tuple[int, int]:
+    """-> (block, padded dim): the largest power of two <= ``requested`` dividing ``dim`` (at least
+    16), or 16 with ``dim`` padded up to a multiple of 16."""
+    block = requested
+    while block > 16 and dim % block:
+        block //= 2
+    return block, -(-dim // block) * block
+
+
+def _pad(x: jax.Array, widths: dict[int, int]) -> jax.Array:
+    """Zero-pads the dims named in ``widths`` up to the given sizes (a no-op when they match)."""
+    pads = [(0, widths.get(axis, size) - size) for axis, size in enumerate(x.shape)]
+    return x if not any(p for _, p in pads) else jnp.pad(x, pads)
+
+
+def _visits(sizes: jax.Array, rows: int, bm: int):
+    """sizes [E] -> visit expert, first row, end row [V] int32 and the real count [1], V = rows // bm + E.
+    Visits past the count repeat valid indices (they are skipped)."""
+    e = sizes.shape[0]
+    v = rows // bm + e  # sum over groups of ceil(size / bm) <= rows // bm + E
+    starts = jnp.cumsum(sizes) - sizes
+    tiles = -(-sizes // bm)  # [E] visits per expert
+    expert = jnp.clip(jnp.repeat(jnp.arange(e, dtype=jnp.int32), tiles, total_repeat_length=v), 0, e - 1)
+    rank = jnp.arange(v, dtype=jnp.int32) - (jnp.cumsum(tiles) - tiles)[expert]
+    first = starts[expert] + jnp.clip(rank, 0, None) * bm
+    end = jnp.minimum(first + bm, starts[expert] + sizes[expert])
+    return expert, jnp.clip(first, 0, rows), end, jnp.sum(tiles).reshape(1).astype(jnp.int32)
+
+
+def _gate_up_kernel(expert_ref, first_ref, end_ref, num_ref, x_ref, gate_ref, up_ref, *rest, bm: int, bn: int,
+                    bk: int, k_steps: int, scaled: bool):
+    gate_scale_ref, up_scale_ref, h_ref = rest if scaled else (None, None, rest[0])
+    v, j = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(v < num_ref[0])
+    def _():
+        e, first, end = expert_ref[v], first_ref[v], end_ref[v]
+        cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+
+        def step(i, acc):
+            ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
+            x = x_ref[pl.ds(first, bm), ks]  # [bm, bk]; rows past ``end`` are computed, not stored
+            acc_gate = acc[0] + jnp.dot(x, gate_ref[e, ks, cols].astype(x.dtype), preferred_element_type=jnp.float32)
+            acc_up = acc[1] + jnp.dot(x, up_ref[e, ks, cols].astype(x.dtype), preferred_element_type=jnp.float32)
+            return acc_gate, acc_up
+
+        zeros = jnp.zeros((bm, bn), jnp.float32)
+        acc_gate, acc_up = jax.lax.fori_loop(0, k_steps, step, (zeros, zeros))  # [bm, bn] each
+        if scaled:
+            acc_gate = acc_gate * gate_scale_ref[e, cols][None, :]
+            acc_up = acc_up * up_scale_ref[e, cols][None, :]
+        h = jax.nn.gelu(acc_gate, approximate=True) * acc_up
+        mine = first + jax.lax.broadcasted_iota(jnp.int32, (bm, bn), 0) < end
+        plgpu.store(h_ref.at[pl.ds(first, bm), cols], h.astype(h_ref.dtype), mask=mine)
+
+
+def _down_kernel(expert_ref, first_ref, end_ref, num_ref, h_ref, down_ref, *rest, bm: int, bn: int, bk: int,
+                 k_steps: int, scaled: bool):
+    down_scale_ref, y_ref = rest if scaled else (None, rest[0])
+    v, j = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(v < num_ref[0])
+    def _():
+        e, first, end = expert_ref[v], first_ref[v], end_ref[v]
+        cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+
+        def step(i, acc):
+            ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
+            h = h_ref[pl.ds(first, bm), ks]  # [bm, bk]
+            return acc + jnp.dot(h, down_ref[e, ks, cols].astype(h.dtype), preferred_element_type=jnp.float32)
+
+        acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((bm, bn), jnp.float32))
+        if scaled:
+            acc = acc * down_scale_ref[e, cols][None, :]
+        mine = first + jax.lax.broadcasted_iota(jnp.int32, (bm, bn), 0) < end
+        plgpu.store(y_ref.at[pl.ds(first, bm), cols], acc.astype(y_ref.dtype), mask=mine)
+
+
+def _launch(kernel, visits, operands, out_shape, n_blocks: int, tiling: GpuTiling, name: str):
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(visits[0].shape[0], n_blocks),
+        compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        interpret=tiling.run_interpreted(),
+        name=name,
+    )(*visits, *operands)
+
+
+def expert_ffn(rows: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+               gate_scale: jax.Array | None = None, up_scale: jax.Array | None = None,
+               down_scale: jax.Array | None = None, *, tiling: GpuTiling = GpuTiling()) -> jax.Array:
+    """rows [M, H] sorted by expert, group_sizes [E] int (may be zero; may sum to less than M),
+    gate, up [E, H, I], down [E, I, H] (float, or int8 with the float32 scales gate_scale,
+    up_scale [E, I], down_scale [E, H]) -> [M, H] in rows.dtype, float32 accumulation."""
+    m, hidden = rows.shape
+    e, _, width = gate.shape
+    if gate.shape != (e, hidden, width) or up.shape != gate.shape or down.shape != (e, width, hidden):
+        raise ValueError(f"expert_ffn: rows {rows.shape} with gate {gate.shape}, up {up.shape}, down {down.shape}: "
+                         "expected gate, up [E, H, I] and down [E, I, H] with H = rows.shape[1]")
+    if group_sizes.shape != (e,):
+        raise ValueError(f"expert_ffn: group_sizes {group_sizes.shape} for {e} experts")
+    scaled = gate_scale is not None
+    if scaled != (up_scale is not None) or scaled != (down_scale is not None):
+        raise ValueError("expert_ffn: give all three scales (int8 weights) or none (float weights)")
+    bm = tiling.rows_per_visit(m, e)
+    bk, hp = _block(tiling.bk, hidden)  # gate/up contract over H
+    bn, ip = _block(tiling.bn, width)  # ... and write I columns
+    bk_down, _ = _block(tiling.bk_down, ip)  # down contracts over (padded) I
+    bn_down, _ = _block(tiling.bn_down, hp)  # ... and writes H columns
+    sizes = group_sizes.astype(jnp.int32)
+    visits = _visits(sizes, m, bm)
+    xs = _pad(rows, {0: m + bm, 1: hp})  # every visit's [bm] row window stays inside
+    gate, up = _pad(gate, {1: hp, 2: ip}), _pad(up, {1: hp, 2: ip})
+    down = _pad(down, {1: ip, 2: hp})
+    scales = ()
+    if scaled:
+        scales = (_pad(gate_scale.astype(jnp.float32), {1: ip}), _pad(up_scale.astype(jnp.float32), {1: ip}))
+
+    h = _launch(functools.partial(_gate_up_kernel, bm=bm, bn=bn, bk=bk, k_steps=hp // bk, scaled=scaled),
+                visits, (xs, gate, up, *scales), jax.ShapeDtypeStruct((m + bm, ip), rows.dtype), ip // bn,
+                tiling, "expert_gate_up")
+    scales = (_pad(down_scale.astype(jnp.float32), {1: hp}),) if scaled else ()
+    y = _launch(functools.partial(_down_kernel, bm=bm, bn=bn_down, bk=bk_down, k_steps=ip // bk_down, scaled=scaled),
+                visits, (h, down, *scales), jax.ShapeDtypeStruct((m + bm, hp), rows.dtype), hp // bn_down,
+                tiling, "expert_down")
+    grouped = jnp.arange(m)[:, None] < jnp.sum(sizes)  # rows no group owns were never written
+    return jnp.where(grouped, y[:m, :hidden], 0)

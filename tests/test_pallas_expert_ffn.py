@@ -1,0 +1,89 @@
+"""pallas_kernels.expert_ffn (the GPU expert-FFN kernels, interpret mode here) against a plain XLA
+reference: ragged and empty groups, rows no group owns, several tilings, int8 weights with scales;
+and the kernels lowered to Triton for a GPU at the 26B layer's shapes, which needs no GPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dgemma_jax import quant
+from pallas_kernels.expert_ffn import GpuTiling, expert_ffn
+
+
+def _reference(rows, sizes, gate, up, down):
+    """Row r of group g -> gelu_tanh(r @ gate[g]) * (r @ up[g]) @ down[g]; 0 past the last group."""
+    ends = jnp.cumsum(sizes)
+    group = jnp.searchsorted(ends, jnp.arange(rows.shape[0]), side="right")  # [M]
+    g = jnp.clip(group, 0, gate.shape[0] - 1)
+    mm = lambda x, w: jnp.einsum("mk,mkn->mn", x, w[g], precision="highest")  # noqa: E731
+    out = mm(jax.nn.gelu(mm(rows, gate), approximate=True) * mm(rows, up), down)
+    return jnp.where((group < gate.shape[0])[:, None], out, 0)
+
+
+def _weights(rng, experts, hidden, width):
+    gate, up = (jnp.asarray(rng.standard_normal((experts, hidden, width)) / hidden**0.5, jnp.float32) for _ in "gu")
+    down = jnp.asarray(rng.standard_normal((experts, width, hidden)) / width**0.5, jnp.float32)
+    return gate, up, down
+
+
+CASES = [  # (M, H, I, group sizes, tiling)
+    (40, 24, 10, [10, 0, 25, 3], GpuTiling()),  # H and I padded to 16s, default rows per visit
+    (64, 64, 32, [8] * 8, GpuTiling(bm=16)),  # exact blocks, one visit per expert
+    (100, 48, 40, [30, 0, 0, 40, 10], GpuTiling(bm=32)),  # 20 rows after the last group come out zero
+    (7, 16, 16, [0, 7, 0], GpuTiling()),  # one group, fewer rows than a visit
+    (300, 160, 96, [130, 1, 0, 169], GpuTiling(bm=64, bn=32, bk=32, bn_down=32, bk_down=32)),  # many visits, k and n steps
+    (20, 32, 32, [0, 0], GpuTiling(bm=16)),  # no local rows at all (another shard's tokens)
+]
+
+
+@pytest.mark.parametrize("m,hidden,width,sizes,tiling", CASES)
+def test_float_weights_match_xla(m, hidden, width, sizes, tiling):
+    rng = np.random.default_rng(m + hidden)
+    rows = jnp.asarray(rng.standard_normal((m, hidden)), jnp.float32)
+    gate, up, down = _weights(rng, len(sizes), hidden, width)
+    sizes = jnp.asarray(sizes, jnp.int32)
+    out = expert_ffn(rows, sizes, gate, up, down, tiling=tiling)
+    want = _reference(rows, sizes, gate, up, down)
+    # float32 throughout: only the summation order differs from the reference
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max() + 1))
+    assert out.shape == (m, hidden) and out.dtype == jnp.float32
+
+
+def test_int8_weights_match_the_dequantized_float_ones():
+    rng = np.random.default_rng(1)
+    rows = jnp.asarray(rng.standard_normal((90, 48)), jnp.float32)
+    weights = _weights(rng, 3, 48, 40)
+    (gate, gs), (up, us), (down, ds) = (quant.quantize_int8(w, 1) for w in weights)
+    sizes = jnp.asarray([41, 0, 45], jnp.int32)
+    out = jax.jit(lambda r: expert_ffn(r, sizes, gate, up, down, gs, us, ds, tiling=GpuTiling(bm=16)))(rows)
+    want = _reference(rows, sizes, *(quant.dequantize(q, s, 1) for q, s in ((gate, gs), (up, us), (down, ds))))
+    # the scale multiplies the float32 accumulator instead of the weights: rounding-order differences
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max() + 1))
+
+
+def test_bad_inputs_name_what_is_wrong():
+    rows, sizes = jnp.zeros((8, 16)), jnp.asarray([8, 0])
+    gate = up = jnp.zeros((2, 16, 16))
+    with pytest.raises(ValueError, match=r"down \(2, 16, 32\)"):
+        expert_ffn(rows, sizes, gate, up, jnp.zeros((2, 16, 32)))
+    with pytest.raises(ValueError, match=r"group_sizes \(3,\) for 2 experts"):
+        expert_ffn(rows, jnp.asarray([8, 0, 0]), gate, up, gate)
+    with pytest.raises(ValueError, match="all three scales"):
+        expert_ffn(rows, sizes, gate, up, gate, jnp.ones((2, 16)))
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+def test_lowers_to_triton_at_the_26b_shapes(weights):
+    """Both kernels lower to Triton IR for a CUDA GPU (block shapes, loads and ops are Triton's),
+    with the grid the docstring promises: (visits, column blocks), visits = 2,048 // 16 + 128."""
+    s = jax.ShapeDtypeStruct
+    e, hidden, width, m = 128, 2816, 704, 256 * 8  # one canvas, top-8
+    args = [s((m, hidden), jnp.bfloat16), s((e,), jnp.int32), s((e, hidden, width), weights),
+            s((e, hidden, width), weights), s((e, width, hidden), weights)]
+    if weights == "int8":
+        args += [s((e, width), jnp.float32), s((e, width), jnp.float32), s((e, hidden), jnp.float32)]
+    run = jax.jit(lambda *a: expert_ffn(*a, tiling=GpuTiling(interpret=False)))
+    text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    grids = [line.split("grid_x = ")[1].split(", grid_z")[0] for line in text.splitlines() if "xla.gpu.triton" in line]
+    assert grids == ["256 : i32, grid_y = 11 : i32", "256 : i32, grid_y = 22 : i32"]
