@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPLS = ("ragged", "bucketed", "pallas_gpu", "tiled", "dense")
 # one change at a time around GpuTiling's defaults (bm: None = from the average group size)
 GPU_TILINGS = ("default", "bm=16", "bm=32", "bn=32", "bk=256", "bn_down=64", "bk_down=128", "num_warps=8",
-               "num_stages=2", "num_stages=4")
+               "num_stages=2", "num_stages=4", "visits_inner=1")
 
 
 def parse_tiling(text: str):

@@ -16,8 +16,10 @@ into their epilogue.
 
 The kernels walk a list of *visits*: (expert, first row, end row) tiles of at most ``bm`` rows of
 one expert each, in row order. The list has a static length (``M // bm + E``, the most there can
-be); visits past the real count return at once. Grid: (visit, output column block), visits fastest,
-so the tiles of one expert run side by side and share its weight tiles through L2.
+be); visits past the real count return at once. Grid: (output column block, visit), column blocks
+fastest: side-by-side programs read whole rows of one expert's weight matrix and share their row
+tile through L2, and the visits of one expert run close together (``GpuTiling.visits_inner``
+swaps the order).
 
 Forward only (serving); training on GPU uses ``moe_impl="bucketed"``.
 """
@@ -41,8 +43,9 @@ class GpuTiling:
     ``bn``, ``bk``: output columns and contracted dim per step of the gate/up kernel (over H);
     ``bn_down``, ``bk_down``: the same for the down kernel (over the expert width I). A block larger
     than a dim's largest power-of-two divisor is lowered to it; a dim with no such divisor of at
-    least 16 is zero-padded (only small test shapes). ``interpret``: None = interpret unless the
-    default backend is GPU."""
+    least 16 is zero-padded (only small test shapes). ``visits_inner``: launch the grid visits
+    fastest instead of column blocks fastest. ``interpret``: None = interpret unless the default
+    backend is GPU."""
 
     bm: int | None = None
     bn: int = 64
@@ -51,6 +54,7 @@ class GpuTiling:
     bk_down: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    visits_inner: bool = False
     interpret: bool | None = None
 
     def run_interpreted(self) -> bool:
@@ -91,10 +95,22 @@ def _visits(sizes: jax.Array, rows: int, bm: int):
     return expert, jnp.clip(first, 0, rows), end, jnp.sum(tiles).reshape(1).astype(jnp.int32)
 
 
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b.astype(a.dtype), float32 accumulation; float32 operands in full precision (Triton's
+    default for them is TF32), bf16 ones as they are."""
+    return jnp.dot(a, b.astype(a.dtype), preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+
+
+def _visit_and_block(visits_inner: bool):
+    """-> (visit, column block) of this program."""
+    first, second = pl.program_id(0), pl.program_id(1)
+    return (first, second) if visits_inner else (second, first)
+
+
 def _gate_up_kernel(expert_ref, first_ref, end_ref, num_ref, x_ref, gate_ref, up_ref, *rest, bm: int, bn: int,
-                    bk: int, k_steps: int, scaled: bool):
+                    bk: int, k_steps: int, scaled: bool, visits_inner: bool):
     gate_scale_ref, up_scale_ref, h_ref = rest if scaled else (None, None, rest[0])
-    v, j = pl.program_id(0), pl.program_id(1)
+    v, j = _visit_and_block(visits_inner)
 
     @pl.when(v < num_ref[0])
     def _():
@@ -104,9 +120,7 @@ def _gate_up_kernel(expert_ref, first_ref, end_ref, num_ref, x_ref, gate_ref, up
         def step(i, acc):
             ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
             x = x_ref[pl.ds(first, bm), ks]  # [bm, bk]; rows past ``end`` are computed, not stored
-            acc_gate = acc[0] + jnp.dot(x, gate_ref[e, ks, cols].astype(x.dtype), preferred_element_type=jnp.float32)
-            acc_up = acc[1] + jnp.dot(x, up_ref[e, ks, cols].astype(x.dtype), preferred_element_type=jnp.float32)
-            return acc_gate, acc_up
+            return acc[0] + _dot(x, gate_ref[e, ks, cols]), acc[1] + _dot(x, up_ref[e, ks, cols])
 
         zeros = jnp.zeros((bm, bn), jnp.float32)
         acc_gate, acc_up = jax.lax.fori_loop(0, k_steps, step, (zeros, zeros))  # [bm, bn] each
@@ -119,9 +133,9 @@ def _gate_up_kernel(expert_ref, first_ref, end_ref, num_ref, x_ref, gate_ref, up
 
 
 def _down_kernel(expert_ref, first_ref, end_ref, num_ref, h_ref, down_ref, *rest, bm: int, bn: int, bk: int,
-                 k_steps: int, scaled: bool):
+                 k_steps: int, scaled: bool, visits_inner: bool):
     down_scale_ref, y_ref = rest if scaled else (None, rest[0])
-    v, j = pl.program_id(0), pl.program_id(1)
+    v, j = _visit_and_block(visits_inner)
 
     @pl.when(v < num_ref[0])
     def _():
@@ -131,7 +145,7 @@ def _down_kernel(expert_ref, first_ref, end_ref, num_ref, h_ref, down_ref, *rest
         def step(i, acc):
             ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
             h = h_ref[pl.ds(first, bm), ks]  # [bm, bk]
-            return acc + jnp.dot(h, down_ref[e, ks, cols].astype(h.dtype), preferred_element_type=jnp.float32)
+            return acc + _dot(h, down_ref[e, ks, cols])
 
         acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((bm, bn), jnp.float32))
         if scaled:
@@ -144,7 +158,7 @@ def _launch(kernel, visits, operands, out_shape, n_blocks: int, tiling: GpuTilin
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(visits[0].shape[0], n_blocks),
+        grid=(visits[0].shape[0], n_blocks) if tiling.visits_inner else (n_blocks, visits[0].shape[0]),
         compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
         interpret=tiling.run_interpreted(),
         name=name,
@@ -181,11 +195,13 @@ def expert_ffn(rows: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax
     if scaled:
         scales = (_pad(gate_scale.astype(jnp.float32), {1: ip}), _pad(up_scale.astype(jnp.float32), {1: ip}))
 
-    h = _launch(functools.partial(_gate_up_kernel, bm=bm, bn=bn, bk=bk, k_steps=hp // bk, scaled=scaled),
+    h = _launch(functools.partial(_gate_up_kernel, bm=bm, bn=bn, bk=bk, k_steps=hp // bk, scaled=scaled,
+                                  visits_inner=tiling.visits_inner),
                 visits, (xs, gate, up, *scales), jax.ShapeDtypeStruct((m + bm, ip), rows.dtype), ip // bn,
                 tiling, "expert_gate_up")
     scales = (_pad(down_scale.astype(jnp.float32), {1: hp}),) if scaled else ()
-    y = _launch(functools.partial(_down_kernel, bm=bm, bn=bn_down, bk=bk_down, k_steps=ip // bk_down, scaled=scaled),
+    y = _launch(functools.partial(_down_kernel, bm=bm, bn=bn_down, bk=bk_down, k_steps=ip // bk_down, scaled=scaled,
+                                  visits_inner=tiling.visits_inner),
                 visits, (h, down, *scales), jax.ShapeDtypeStruct((m + bm, hp), rows.dtype), hp // bn_down,
                 tiling, "expert_down")
     grouped = jnp.arange(m)[:, None] < jnp.sum(sizes)  # rows no group owns were never written

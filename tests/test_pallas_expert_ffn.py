@@ -33,6 +33,7 @@ CASES = [  # (M, H, I, group sizes, tiling)
     (100, 48, 40, [30, 0, 0, 40, 10], GpuTiling(bm=32)),  # 20 rows after the last group come out zero
     (7, 16, 16, [0, 7, 0], GpuTiling()),  # one group, fewer rows than a visit
     (300, 160, 96, [130, 1, 0, 169], GpuTiling(bm=64, bn=32, bk=32, bn_down=32, bk_down=32)),  # many visits, k and n steps
+    (300, 160, 96, [130, 1, 0, 169], GpuTiling(bm=32, bn=32, bk=32, visits_inner=True)),  # the other grid order
     (20, 32, 32, [0, 0], GpuTiling(bm=16)),  # no local rows at all (another shard's tokens)
 ]
 
@@ -76,7 +77,7 @@ def test_bad_inputs_name_what_is_wrong():
 @pytest.mark.parametrize("weights", ["bfloat16", "int8"])
 def test_lowers_to_triton_at_the_26b_shapes(weights):
     """Both kernels lower to Triton IR for a CUDA GPU (block shapes, loads and ops are Triton's),
-    with the grid the docstring promises: (visits, column blocks), visits = 2,048 // 16 + 128."""
+    with the grid the docstring promises: (column blocks, visits), visits = 2,048 // 16 + 128."""
     s = jax.ShapeDtypeStruct
     e, hidden, width, m = 128, 2816, 704, 256 * 8  # one canvas, top-8
     args = [s((m, hidden), jnp.bfloat16), s((e,), jnp.int32), s((e, hidden, width), weights),
@@ -86,4 +87,4 @@ def test_lowers_to_triton_at_the_26b_shapes(weights):
     run = jax.jit(lambda *a: expert_ffn(*a, tiling=GpuTiling(interpret=False)))
     text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     grids = [line.split("grid_x = ")[1].split(", grid_z")[0] for line in text.splitlines() if "xla.gpu.triton" in line]
-    assert grids == ["256 : i32, grid_y = 11 : i32", "256 : i32, grid_y = 22 : i32"]
+    assert grids == ["11 : i32, grid_y = 256 : i32", "22 : i32, grid_y = 256 : i32"]
