@@ -50,7 +50,8 @@ def parse_tiling(text: str):
     for item in filter(None, text.split(",")) if text != "default" else ():
         name, _, value = item.partition("=")
         if name not in fields or not value.isdigit():
-            raise SystemExit(f"--tilings {text!r}: {item!r} is not NAME=INT with NAME one of {', '.join(sorted(fields))}")
+            raise SystemExit(f"--tilings {text!r}: {item!r} is not NAME=INT with NAME one of "
+                             f"{', '.join(sorted(fields))}")
         values[name] = int(value)
     return GpuTiling(**values)
 

@@ -1,4 +1,4 @@
-"""The whole expert FFN of a MoE layer as two Pallas kernels for GPU (Triton), ``interpret=True`` elsewhere.
+"""A MoE layer's whole expert FFN as two Pallas kernels for GPU (Triton); ``interpret=True`` elsewhere.
 
 ``rows`` [M, H] are sorted by expert: expert ``g`` owns the rows ``[start_g, start_g + size_g)``,
 ``start = cumsum(sizes) - sizes``. For each expert, over its rows only,

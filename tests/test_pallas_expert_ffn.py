@@ -32,7 +32,7 @@ CASES = [  # (M, H, I, group sizes, tiling)
     (64, 64, 32, [8] * 8, GpuTiling(bm=16)),  # exact blocks, one visit per expert
     (100, 48, 40, [30, 0, 0, 40, 10], GpuTiling(bm=32)),  # 20 rows after the last group come out zero
     (7, 16, 16, [0, 7, 0], GpuTiling()),  # one group, fewer rows than a visit
-    (300, 160, 96, [130, 1, 0, 169], GpuTiling(bm=64, bn=32, bk=32, bn_down=32, bk_down=32)),  # many visits, k and n steps
+    (300, 160, 96, [130, 1, 0, 169], GpuTiling(bm=64, bn=32, bk=32, bn_down=32, bk_down=32)),  # many visits, k, n steps
     (300, 160, 96, [130, 1, 0, 169], GpuTiling(bm=32, bn=32, bk=32, visits_inner=True)),  # the other grid order
     (20, 32, 32, [0, 0], GpuTiling(bm=16)),  # no local rows at all (another shard's tokens)
 ]
