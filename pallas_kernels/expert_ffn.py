@@ -43,16 +43,18 @@ class GpuTiling:
     ``bn``, ``bk``: output columns and contracted dim per step of the gate/up kernel (over H);
     ``bn_down``, ``bk_down``: the same for the down kernel (over the expert width I). A block larger
     than a dim's largest power-of-two divisor is lowered to it; a dim with no such divisor of at
-    least 16 is zero-padded (only small test shapes). ``visits_inner``: launch the grid visits
-    fastest instead of column blocks fastest. ``interpret``: None = interpret unless the default
-    backend is GPU."""
+    least 16 is zero-padded (only small test shapes). ``num_warps``: None = 8 for accumulators of
+    128 x 128 or more float32s (gate and up together), else 4. ``num_stages``: loads in flight per
+    loop, lowered where the tiles of that many steps would not fit ``SHARED_MEMORY`` (an H100 has
+    227 KiB per block). ``visits_inner``: launch the grid visits fastest instead of column blocks
+    fastest. ``interpret``: None = interpret unless the default backend is GPU."""
 
     bm: int | None = None
     bn: int = 64
     bk: int = 128
     bn_down: int = 128
     bk_down: int = 64
-    num_warps: int = 4
+    num_warps: int | None = None
     num_stages: int = 3
     visits_inner: bool = False
     interpret: bool | None = None
@@ -64,6 +66,16 @@ class GpuTiling:
         if self.bm is not None:
             return self.bm
         return int(min(128, max(16, pl.next_power_of_2(max(1, -(-rows // groups))))))
+
+    def compiler_params(self, accumulator: int, stage_bytes: int) -> plgpu.CompilerParams:
+        """Triton's launch settings for a kernel with ``accumulator`` float32s per program whose loop
+        loads ``stage_bytes`` per step."""
+        warps = self.num_warps or (8 if accumulator >= 128 * 128 else 4)
+        stages = max(1, min(self.num_stages, SHARED_MEMORY // stage_bytes))
+        return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+
+
+SHARED_MEMORY = 200 * 1024  # bytes of pipelined tiles per program: an H100 block has 227 KiB, less Triton's own
 
 
 def _block(requested: int, dim: int) -> tuple[int, int]:
@@ -154,12 +166,13 @@ def _down_kernel(expert_ref, first_ref, end_ref, num_ref, h_ref, down_ref, *rest
         plgpu.store(y_ref.at[pl.ds(first, bm), cols], acc.astype(y_ref.dtype), mask=mine)
 
 
-def _launch(kernel, visits, operands, out_shape, n_blocks: int, tiling: GpuTiling, name: str):
+def _launch(kernel, visits, operands, out_shape, n_blocks: int, params: plgpu.CompilerParams, tiling: GpuTiling,
+            name: str):
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=(visits[0].shape[0], n_blocks) if tiling.visits_inner else (n_blocks, visits[0].shape[0]),
-        compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages),
+        compiler_params=params,
         interpret=tiling.run_interpreted(),
         name=name,
     )(*visits, *operands)
@@ -195,14 +208,17 @@ def expert_ffn(rows: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax
     if scaled:
         scales = (_pad(gate_scale.astype(jnp.float32), {1: ip}), _pad(up_scale.astype(jnp.float32), {1: ip}))
 
+    row_bytes, weight_bytes = rows.dtype.itemsize, gate.dtype.itemsize
     h = _launch(functools.partial(_gate_up_kernel, bm=bm, bn=bn, bk=bk, k_steps=hp // bk, scaled=scaled,
                                   visits_inner=tiling.visits_inner),
                 visits, (xs, gate, up, *scales), jax.ShapeDtypeStruct((m + bm, ip), rows.dtype), ip // bn,
-                tiling, "expert_gate_up")
+                tiling.compiler_params(2 * bm * bn, bk * (bm * row_bytes + 2 * bn * weight_bytes)), tiling,
+                "expert_gate_up")
     scales = (_pad(down_scale.astype(jnp.float32), {1: hp}),) if scaled else ()
     y = _launch(functools.partial(_down_kernel, bm=bm, bn=bn_down, bk=bk_down, k_steps=ip // bk_down, scaled=scaled,
                                   visits_inner=tiling.visits_inner),
                 visits, (h, down, *scales), jax.ShapeDtypeStruct((m + bm, hp), rows.dtype), hp // bn_down,
-                tiling, "expert_down")
+                tiling.compiler_params(bm * bn_down, bk_down * (bm * row_bytes + bn_down * weight_bytes)), tiling,
+                "expert_down")
     grouped = jnp.arange(m)[:, None] < jnp.sum(sizes)  # rows no group owns were never written
     return jnp.where(grouped, y[:m, :hidden], 0)

@@ -76,3 +76,19 @@ def test_moe_bench_tilings_parse():
     assert len({parse_tiling(t) for t in GPU_TILINGS}) == len(GPU_TILINGS)
     with pytest.raises(SystemExit, match="'warps=8' is not NAME=INT"):
         parse_tiling("warps=8")
+
+
+def test_moe_bench_reports_a_failing_tiling_and_goes_on(capsys):
+    """On a GPU a blind kernel variant may not compile: bench/moe.py prints it, times the rest, and
+    exits non-zero."""
+    import os
+
+    from bench.moe import ROOT, main
+
+    rc = main(["--config", os.path.join(ROOT, "configs", "model", "tiny.py"), "--canvases", "1", "--repeats", "1", "--impls", "bucketed",
+               "--quantize", "none", "--tilings", "bn=0", "default"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "kernels: bn=0" in out and "failed:" in out and "ZeroDivisionError" in out
+    assert [line for line in out.splitlines() if "kernels: default" in line and "failed" not in line]
+    assert "FAILED: " in out and "fastest at" in out

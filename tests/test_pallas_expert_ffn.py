@@ -2,10 +2,13 @@
 reference: ragged and empty groups, rows no group owns, several tilings, int8 weights with scales;
 and the kernels lowered to Triton for a GPU at the 26B layer's shapes, which needs no GPU."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import triton as plgpu
 
 from dgemma_jax import quant
 from pallas_kernels.expert_ffn import GpuTiling, expert_ffn
@@ -75,16 +78,31 @@ def test_bad_inputs_name_what_is_wrong():
 
 
 @pytest.mark.parametrize("weights", ["bfloat16", "int8"])
-def test_lowers_to_triton_at_the_26b_shapes(weights):
+@pytest.mark.parametrize("canvases", [1, 16])
+def test_lowers_to_triton_at_the_26b_shapes(weights, canvases):
     """Both kernels lower to Triton IR for a CUDA GPU (block shapes, loads and ops are Triton's),
-    with the grid the docstring promises: (column blocks, visits), visits = 2,048 // 16 + 128."""
+    with the grid the docstring promises, (column blocks, visits), and launch settings that fit:
+    one canvas (2,048 rows, top-8) gives 16-row visits, 2,048 // 16 + 128 of them; sixteen give
+    128-row visits, 8 warps for gate/up's two 128 x 64 accumulators and down's 128 x 128, and gate/up's
+    3 pipeline stages of 64 KiB (bf16) within the shared memory."""
     s = jax.ShapeDtypeStruct
-    e, hidden, width, m = 128, 2816, 704, 256 * 8  # one canvas, top-8
+    e, hidden, width, m = 128, 2816, 704, canvases * 256 * 8
     args = [s((m, hidden), jnp.bfloat16), s((e,), jnp.int32), s((e, hidden, width), weights),
             s((e, hidden, width), weights), s((e, width, hidden), weights)]
     if weights == "int8":
         args += [s((e, width), jnp.float32), s((e, width), jnp.float32), s((e, hidden), jnp.float32)]
     run = jax.jit(lambda *a: expert_ffn(*a, tiling=GpuTiling(interpret=False)))
     text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    grids = [line.split("grid_x = ")[1].split(", grid_z")[0] for line in text.splitlines() if "xla.gpu.triton" in line]
-    assert grids == ["11 : i32, grid_y = 256 : i32", "22 : i32, grid_y = 256 : i32"]
+    calls = [line for line in text.splitlines() if "xla.gpu.triton" in line]
+    keys = ("grid_x", "grid_y", "num_warps", "num_stages")
+    found = [tuple(int(re.search(f"{key} = (\\d+)", line).group(1)) for key in keys) for line in calls]
+    visits = m // (16 if canvases == 1 else 128) + e
+    assert found == ([(11, visits, 4, 3), (22, visits, 4, 3)] if canvases == 1 else
+                     [(11, visits, 8, 3), (22, visits, 8, 3)])
+
+
+def test_launch_settings_fit_the_shared_memory():
+    assert GpuTiling().compiler_params(2 * 16 * 64, 36 * 1024) == plgpu.CompilerParams(num_warps=4, num_stages=3)
+    assert GpuTiling(num_warps=2).compiler_params(128 * 128, 36 * 1024).num_warps == 2
+    assert GpuTiling(num_stages=4).compiler_params(1, 64 * 1024).num_stages == 3  # 4 x 64 KiB do not fit
+    assert GpuTiling().compiler_params(1, 1 << 20).num_stages == 1
