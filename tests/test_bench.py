@@ -92,3 +92,23 @@ def test_moe_bench_reports_a_failing_tiling_and_goes_on(capsys):
     assert "kernels: bn=0" in out and "failed:" in out and "ZeroDivisionError" in out
     assert [line for line in out.splitlines() if "kernels: default" in line and "failed" not in line]
     assert "FAILED: " in out and "fastest at" in out
+
+
+def test_triton_compile_finds_the_kernels_triton_ir():
+    """bench/triton_compile.py hands upstream Triton the IR jax puts in the XLA custom calls: both
+    expert kernels, as parseable Triton IR text with the launch settings of the call."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench.triton_compile import triton_modules
+    from pallas_kernels.expert_ffn import GpuTiling, expert_ffn
+
+    s = jax.ShapeDtypeStruct
+    shapes = [s((256, 64), jnp.bfloat16), s((8,), jnp.int32), s((8, 64, 32), jnp.int8), s((8, 64, 32), jnp.int8),
+              s((8, 32, 64), jnp.int8), s((8, 32), jnp.float32), s((8, 32), jnp.float32), s((8, 64), jnp.float32)]
+    run = jax.jit(lambda *a: expert_ffn(*a, tiling=GpuTiling(bm=32, num_warps=2, interpret=False)))
+    found = triton_modules(run.trace(*shapes).lower(lowering_platforms=("cuda",)))
+    assert [(name, warps, grid) for name, warps, _, grid, _ in found] == [
+        ("expert_gate_up", 2, "1x16"), ("expert_down", 2, "1x16")]  # 256 // 32 + 8 visits
+    for name, _, _, _, text in found:
+        assert text.startswith(f"module @{name}") and "tt.dot" in text and "loc(" not in text
