@@ -85,8 +85,8 @@ def test_moe_bench_reports_a_failing_tiling_and_goes_on(capsys):
 
     from bench.moe import ROOT, main
 
-    rc = main(["--config", os.path.join(ROOT, "configs", "model", "tiny.py"), "--canvases", "1", "--repeats", "1", "--impls", "bucketed",
-               "--quantize", "none", "--tilings", "bn=0", "default"])
+    rc = main(["--config", os.path.join(ROOT, "configs", "model", "tiny.py"), "--canvases", "1", "--repeats", "1",
+               "--impls", "bucketed", "--quantize", "none", "--tilings", "bn=0", "default"])
     out = capsys.readouterr().out
     assert rc == 1
     assert "kernels: bn=0" in out and "failed:" in out and "ZeroDivisionError" in out
