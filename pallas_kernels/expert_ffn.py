@@ -119,9 +119,16 @@ def _visit_and_block(visits_inner: bool):
     return (first, second) if visits_inner else (second, first)
 
 
-def _gate_up_kernel(expert_ref, first_ref, end_ref, num_ref, x_ref, gate_ref, up_ref, *rest, bm: int, bn: int,
-                    bk: int, k_steps: int, scaled: bool, visits_inner: bool):
-    gate_scale_ref, up_scale_ref, h_ref = rest if scaled else (None, None, rest[0])
+def _gelu_product(gate: jax.Array, up: jax.Array) -> jax.Array:
+    return jax.nn.gelu(gate, approximate=True) * up
+
+
+def _expert_kernel(expert_ref, first_ref, end_ref, num_ref, x_ref, *refs, num_weights: int, epilogue, bm: int,
+                   bn: int, bk: int, k_steps: int, visits_inner: bool):
+    """One (visit, column block): out[rows, cols] = epilogue(x[rows] @ w[e][:, cols] (x scale) for
+    each of the ``num_weights`` weights), rows the visit's, e its expert. refs: the weights, their
+    scales (int8 only), the output."""
+    weight_refs, scale_refs, out_ref = refs[:num_weights], refs[num_weights:-1], refs[-1]
     v, j = _visit_and_block(visits_inner)
 
     @pl.when(v < num_ref[0])
@@ -132,50 +139,32 @@ def _gate_up_kernel(expert_ref, first_ref, end_ref, num_ref, x_ref, gate_ref, up
         def step(i, acc):
             ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
             x = x_ref[pl.ds(first, bm), ks]  # [bm, bk]; rows past ``end`` are computed, not stored
-            return acc[0] + _dot(x, gate_ref[e, ks, cols]), acc[1] + _dot(x, up_ref[e, ks, cols])
+            return tuple(a + _dot(x, w[e, ks, cols]) for a, w in zip(acc, weight_refs))
 
-        zeros = jnp.zeros((bm, bn), jnp.float32)
-        acc_gate, acc_up = jax.lax.fori_loop(0, k_steps, step, (zeros, zeros))  # [bm, bn] each
-        if scaled:
-            acc_gate = acc_gate * gate_scale_ref[e, cols][None, :]
-            acc_up = acc_up * up_scale_ref[e, cols][None, :]
-        h = jax.nn.gelu(acc_gate, approximate=True) * acc_up
+        acc = jax.lax.fori_loop(0, k_steps, step, (jnp.zeros((bm, bn), jnp.float32),) * num_weights)  # [bm, bn]
+        if scale_refs:
+            acc = tuple(a * scale[e, cols][None, :] for a, scale in zip(acc, scale_refs))
         mine = first + jax.lax.broadcasted_iota(jnp.int32, (bm, bn), 0) < end
-        plgpu.store(h_ref.at[pl.ds(first, bm), cols], h.astype(h_ref.dtype), mask=mine)
+        plgpu.store(out_ref.at[pl.ds(first, bm), cols], epilogue(*acc).astype(out_ref.dtype), mask=mine)
 
 
-def _down_kernel(expert_ref, first_ref, end_ref, num_ref, h_ref, down_ref, *rest, bm: int, bn: int, bk: int,
-                 k_steps: int, scaled: bool, visits_inner: bool):
-    down_scale_ref, y_ref = rest if scaled else (None, rest[0])
-    v, j = _visit_and_block(visits_inner)
-
-    @pl.when(v < num_ref[0])
-    def _():
-        e, first, end = expert_ref[v], first_ref[v], end_ref[v]
-        cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
-
-        def step(i, acc):
-            ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
-            h = h_ref[pl.ds(first, bm), ks]  # [bm, bk]
-            return acc + _dot(h, down_ref[e, ks, cols])
-
-        acc = jax.lax.fori_loop(0, k_steps, step, jnp.zeros((bm, bn), jnp.float32))
-        if scaled:
-            acc = acc * down_scale_ref[e, cols][None, :]
-        mine = first + jax.lax.broadcasted_iota(jnp.int32, (bm, bn), 0) < end
-        plgpu.store(y_ref.at[pl.ds(first, bm), cols], acc.astype(y_ref.dtype), mask=mine)
-
-
-def _launch(kernel, visits, operands, out_shape, n_blocks: int, params: plgpu.CompilerParams, tiling: GpuTiling,
-            name: str):
+def _grouped_product(visits, x: jax.Array, weights: tuple, scales: tuple, epilogue, *, bm: int, bn: int, bk: int,
+                     tiling: GpuTiling, name: str) -> jax.Array:
+    """x [M + bm, K] -> epilogue(x @ w[e] times scale[e], for w in weights) [M + bm, N] on each visit's
+    rows (e: its expert); rows no visit holds are left unwritten. weights [E, K, N] each."""
+    k, n = weights[0].shape[1:]
+    kernel = functools.partial(_expert_kernel, num_weights=len(weights), epilogue=epilogue, bm=bm, bn=bn, bk=bk,
+                               k_steps=k // bk, visits_inner=tiling.visits_inner)
+    stage_bytes = bk * (bm * x.dtype.itemsize + len(weights) * bn * weights[0].dtype.itemsize)  # one loop step's tiles
+    num_visits = visits[0].shape[0]
     return pl.pallas_call(
         kernel,
-        out_shape=out_shape,
-        grid=(visits[0].shape[0], n_blocks) if tiling.visits_inner else (n_blocks, visits[0].shape[0]),
-        compiler_params=params,
+        out_shape=jax.ShapeDtypeStruct((x.shape[0], n), x.dtype),
+        grid=(num_visits, n // bn) if tiling.visits_inner else (n // bn, num_visits),
+        compiler_params=tiling.compiler_params(len(weights) * bm * bn, stage_bytes),
         interpret=tiling.run_interpreted(),
         name=name,
-    )(*visits, *operands)
+    )(*visits, x, *weights, *scales)
 
 
 def expert_ffn(rows: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
@@ -204,21 +193,10 @@ def expert_ffn(rows: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax
     xs = _pad(rows, {0: m + bm, 1: hp})  # every visit's [bm] row window stays inside
     gate, up = _pad(gate, {1: hp, 2: ip}), _pad(up, {1: hp, 2: ip})
     down = _pad(down, {1: ip, 2: hp})
-    scales = ()
-    if scaled:
-        scales = (_pad(gate_scale.astype(jnp.float32), {1: ip}), _pad(up_scale.astype(jnp.float32), {1: ip}))
-
-    row_bytes, weight_bytes = rows.dtype.itemsize, gate.dtype.itemsize
-    h = _launch(functools.partial(_gate_up_kernel, bm=bm, bn=bn, bk=bk, k_steps=hp // bk, scaled=scaled,
-                                  visits_inner=tiling.visits_inner),
-                visits, (xs, gate, up, *scales), jax.ShapeDtypeStruct((m + bm, ip), rows.dtype), ip // bn,
-                tiling.compiler_params(2 * bm * bn, bk * (bm * row_bytes + 2 * bn * weight_bytes)), tiling,
-                "expert_gate_up")
-    scales = (_pad(down_scale.astype(jnp.float32), {1: hp}),) if scaled else ()
-    y = _launch(functools.partial(_down_kernel, bm=bm, bn=bn_down, bk=bk_down, k_steps=ip // bk_down, scaled=scaled,
-                                  visits_inner=tiling.visits_inner),
-                visits, (h, down, *scales), jax.ShapeDtypeStruct((m + bm, hp), rows.dtype), hp // bn_down,
-                tiling.compiler_params(bm * bn_down, bk_down * (bm * row_bytes + bn_down * weight_bytes)), tiling,
-                "expert_down")
+    f32 = lambda scale, size: _pad(scale.astype(jnp.float32), {1: size})  # noqa: E731
+    h = _grouped_product(visits, xs, (gate, up), (f32(gate_scale, ip), f32(up_scale, ip)) if scaled else (),
+                         _gelu_product, bm=bm, bn=bn, bk=bk, tiling=tiling, name="expert_gate_up")  # [M + bm, I]
+    y = _grouped_product(visits, h, (down,), (f32(down_scale, hp),) if scaled else (), lambda y: y,
+                         bm=bm, bn=bn_down, bk=bk_down, tiling=tiling, name="expert_down")  # [M + bm, H]
     grouped = jnp.arange(m)[:, None] < jnp.sum(sizes)  # rows no group owns were never written
     return jnp.where(grouped, y[:m, :hidden], 0)
