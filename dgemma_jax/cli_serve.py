@@ -7,6 +7,8 @@ import sys
 
 
 def add_parsers(sub) -> None:
+    from dgemma_jax.cli_text import add_backend_flags
+
     p = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server with continuous batching",
         description="Serve the model over HTTP: POST /v1/chat/completions, POST /v1/completions (suffix = "
@@ -22,6 +24,7 @@ def add_parsers(sub) -> None:
                    help="parameter dtype (default: the checkpoint's, else bfloat16)")
     p.add_argument("--quantize", choices=("none", "int8"), default="none",
                    help="int8: weight-only int8 experts (default: %(default)s)")
+    add_backend_flags(p)
     p.add_argument("--served-model-name", default=None,
                    help="the name clients pass as `model` (default: the model directory's name)")
     p.add_argument("--slots", type=int, default=4, help="requests denoised together (default: %(default)s)")

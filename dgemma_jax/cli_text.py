@@ -65,6 +65,7 @@ def _common(p: argparse.ArgumentParser, max_new_tokens) -> None:
                    help="parameter dtype (default: the checkpoint's, else bfloat16)")
     p.add_argument("--quantize", choices=("none", "int8"), default="none",
                    help="int8: weight-only int8 experts with per-channel scales (default: %(default)s)")
+    add_backend_flags(p)
     p.add_argument("--seed", type=int, default=0)
     if max_new_tokens is not False:
         p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
@@ -72,6 +73,16 @@ def _common(p: argparse.ArgumentParser, max_new_tokens) -> None:
     group = p.add_argument_group("sampler (default: the checkpoint's generation_config.json)")
     for flag, key, kind, text in _SAMPLER_FLAGS:
         group.add_argument(flag, dest=key, type=kind, default=None, help=text)
+
+
+def add_backend_flags(p: argparse.ArgumentParser) -> None:
+    """``--moe-impl`` / ``--attention-impl``: the model's back ends (``from_pretrained`` switches)."""
+    from dgemma_jax.config import MOE_IMPLS
+
+    p.add_argument("--moe-impl", choices=MOE_IMPLS, default=None,
+                   help="MoE back end (default: the config's, auto: pallas on TPU, bucketed on GPU, tiled on CPU)")
+    p.add_argument("--attention-impl", choices=("xla", "pallas"), default=None,
+                   help="attention back end (default: the config's, xla)")
 
 
 def _sampler(args) -> dict:
@@ -91,7 +102,10 @@ def _load(args, mesh=None):
         raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face snapshot)")
     recorded = _source_dtype(path)
     dtype = args.dtype or (recorded if recorded in ("bfloat16", "float32") else "bfloat16")
-    return dgemma_jax.from_pretrained(path, dtype=dtype, mesh=mesh, quantize=args.quantize), Tokenizer.load(path)
+    backends = {key: getattr(args, key, None) for key in ("moe_impl", "attention_impl")}
+    model = dgemma_jax.from_pretrained(path, dtype=dtype, mesh=mesh, quantize=args.quantize,
+                                       **{key: value for key, value in backends.items() if value})
+    return model, Tokenizer.load(path)
 
 
 def _report(result) -> None:

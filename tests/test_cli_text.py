@@ -56,3 +56,17 @@ def test_bad_model_dir_and_bad_flag(tmp_path, capsys):
     assert "missing: not a directory" in capsys.readouterr().err
     assert cli.main(["generate", "x", "--entropy-bound", "-1", *FAST]) == 1
     assert "entropy_bound must be >= 0" in capsys.readouterr().err
+
+
+def test_backend_flags_reach_the_model(capsys):
+    """--moe-impl / --attention-impl switch the loaded model's back ends; unset keeps the config's."""
+    from dgemma_jax.cli_text import _load
+
+    parser = cli.build_parser()
+    model, _ = _load(parser.parse_args(["generate", "x", "--moe-impl", "dense", "--attention-impl", "pallas"]))
+    assert (model.config.moe_impl, model.config.attention_impl) == ("dense", "pallas")
+    model, _ = _load(parser.parse_args(["generate", "x"]))
+    assert (model.config.moe_impl, model.config.attention_impl) == ("auto", "xla")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--moe-impl", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
