@@ -110,11 +110,12 @@ def test_sampler_on_a_split_vocabulary_equals_single_device():
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: x.argmax(-1))(split)), np.asarray(logits.argmax(-1)))
 
 
-def test_pallas_back_ends_on_a_mesh(hf):
-    """Both kernels under shard_map: the MoE layer gathers the tokens over ``expert`` and scatters the
+@pytest.mark.parametrize("moe_impl", ["pallas", "pallas_gpu"])
+def test_pallas_back_ends_on_a_mesh(hf, moe_impl):
+    """The kernels under shard_map: the MoE layer gathers the tokens over ``expert`` and scatters the
     results back (experts stay sharded); the logits equal the single-device XLA ones."""
     sharded = dgemma_jax.from_pretrained(hf[1], dtype="float32", mesh=make_mesh({"fsdp": 2, "expert": 4}),
-                                         moe_impl="pallas", attention_impl="pallas")
+                                         moe_impl=moe_impl, attention_impl="pallas")
     moe = sharded.module.layers[0].moe
     x = jax.device_put(np.ones((8, 3, moe.config.hidden_size), np.float32))
     hlo = jax.jit(lambda x: moe(x, x)).lower(x).as_text()
