@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.common import pad_to, round_up
+
 
 @dataclasses.dataclass(frozen=True)
 class GpuTiling:
@@ -84,13 +86,7 @@ def _block(requested: int, dim: int) -> tuple[int, int]:
     block = requested
     while block > 16 and dim % block:
         block //= 2
-    return block, -(-dim // block) * block
-
-
-def _pad(x: jax.Array, widths: dict[int, int]) -> jax.Array:
-    """Zero-pads the dims named in ``widths`` up to the given sizes (a no-op when they match)."""
-    pads = [(0, widths.get(axis, size) - size) for axis, size in enumerate(x.shape)]
-    return x if not any(p for _, p in pads) else jnp.pad(x, pads)
+    return block, round_up(dim, block)
 
 
 def _visits(sizes: jax.Array, rows: int, bm: int):
@@ -190,10 +186,10 @@ def expert_ffn(rows: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax
     bn_down, _ = _block(tiling.bn_down, hp)  # ... and writes H columns
     sizes = group_sizes.astype(jnp.int32)
     visits = _visits(sizes, m, bm)
-    xs = _pad(rows, {0: m + bm, 1: hp})  # every visit's [bm] row window stays inside
-    gate, up = _pad(gate, {1: hp, 2: ip}), _pad(up, {1: hp, 2: ip})
-    down = _pad(down, {1: ip, 2: hp})
-    f32 = lambda scale, size: _pad(scale.astype(jnp.float32), {1: size})  # noqa: E731
+    xs = pad_to(rows, {0: m + bm, 1: hp})  # every visit's [bm] row window stays inside
+    gate, up = pad_to(gate, {1: hp, 2: ip}), pad_to(up, {1: hp, 2: ip})
+    down = pad_to(down, {1: ip, 2: hp})
+    f32 = lambda scale, size: pad_to(scale.astype(jnp.float32), {1: size})  # noqa: E731
     h = _grouped_product(visits, xs, (gate, up), (f32(gate_scale, ip), f32(up_scale, ip)) if scaled else (),
                          _gelu_product, bm=bm, bn=bn, bk=bk, tiling=tiling, name="expert_gate_up")  # [M + bm, I]
     y = _grouped_product(visits, h, (down,), (f32(down_scale, hp),) if scaled else (), lambda y: y,

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import fit, round_up, run_interpreted
+from pallas_kernels.common import fit, pad_to, round_up, run_interpreted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,15 +43,6 @@ class Tiling:
 
     def run_interpreted(self) -> bool:
         return run_interpreted(self.interpret)
-
-
-def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
-    pad = size - x.shape[axis]
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths)
 
 
 def _local_bounds(group_sizes: jax.Array, group_offset, num_groups: int, m: int):
@@ -142,12 +133,12 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset=0, 
     mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
     starts, ends = _local_bounds(group_sizes, group_offset, num_groups, m)
     group_ids, tile_ids, num = _visits(starts, ends, mp // tm, tm)
-    lhs_p = _pad_to(_pad_to(lhs, 0, mp), 1, kp)
+    lhs_p = pad_to(lhs, {0: mp, 1: kp})
     if transpose_rhs:
-        rhs_p = _pad_to(_pad_to(rhs, 1, np_), 2, kp)
+        rhs_p = pad_to(rhs, {1: np_, 2: kp})
         rhs_spec = pl.BlockSpec((None, tn, tk), lambda j, v, i, gid, tid, *_: (gid[v], j, i))
     else:
-        rhs_p = _pad_to(_pad_to(rhs, 1, kp), 2, np_)
+        rhs_p = pad_to(rhs, {1: kp, 2: np_})
         rhs_spec = pl.BlockSpec((None, tk, tn), lambda j, v, i, gid, tid, *_: (gid[v], i, j))
     k_tiles = kp // tk
     out = pl.pallas_call(
@@ -195,8 +186,8 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, num_groups: in
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=tiling.run_interpreted(),
         name="tgmm",
-    )(group_ids, tile_ids, starts, ends, num, _pad_to(_pad_to(lhs, 0, mp), 1, kp),
-      _pad_to(_pad_to(grad, 0, mp), 1, np_))
+    )(group_ids, tile_ids, starts, ends, num, pad_to(lhs, {0: mp, 1: kp}),
+      pad_to(grad, {0: mp, 1: np_}))
     return jnp.where((ends > starts)[:, None, None], out, 0)[:, :k, :n]
 
 
