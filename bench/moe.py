@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     config = load_model_config(args.config)
     if args.tilings is None:
         args.tilings = GPU_TILINGS if jax.default_backend() == "gpu" else ()
-    tilings = [parse_tiling(t) for t in args.tilings]
+    tilings = {name: parse_tiling(name) for name in args.tilings}  # as written -> GpuTiling
     dtype = jnp.dtype(args.dtype)
     layers = {mode: quant.quantize(MoE(config, rngs=nnx.Rngs(0), dtype=dtype), mode)
               for mode in args.quantize.split(",")}
@@ -137,9 +137,10 @@ def main(argv=None) -> int:
     return 1 if failures else 0
 
 
-def time_tilings(module, x, tilings, floor: float, repeats: int, prefix: str) -> list[str]:
-    """The ``pallas_gpu`` kernels alone on ``x`` [N, H]'s rows sorted by expert, per tiling, each
-    checked against the first that ran -> the tilings that failed to compile or disagreed."""
+def time_tilings(module, x, tilings: dict, floor: float, repeats: int, prefix: str) -> list[str]:
+    """The ``pallas_gpu`` kernels alone on ``x`` [N, H]'s rows sorted by expert, per tiling (name as
+    written -> ``GpuTiling``), each checked against the first that ran -> the tilings that failed to
+    compile or disagreed."""
     import jax
     import numpy as np
 
@@ -154,9 +155,7 @@ def time_tilings(module, x, tilings, floor: float, repeats: int, prefix: str) ->
     rows = x[token]  # [N*K, H]
     reference, failures = None, []
     label = "{} tokens, {}".format(*prefix.split())
-    for tiling in tilings:
-        changed = {k: v for k, v in vars(tiling).items() if v != getattr(type(tiling)(), k)}
-        name = ",".join(f"{k}={v}" for k, v in changed.items()) or "default"
+    for name, tiling in tilings.items():
         run = jax.jit(lambda rows, sizes, w, t=tiling: expert_ffn(rows, sizes, *w, tiling=t))
         try:
             y = np.asarray(run(rows, sizes, (*experts, *scales)), np.float32)

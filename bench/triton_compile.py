@@ -21,6 +21,7 @@ the upstream release used here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -117,8 +118,7 @@ def main(argv=None) -> int:
             if mode == "int8":
                 shapes += [s((e, width), jnp.float32), s((e, width), jnp.float32), s((e, hidden), jnp.float32)]
             for name in args.tilings:
-                tiling = parse_tiling(name)
-                tiling = type(tiling)(**{**vars(tiling), "interpret": False})
+                tiling = dataclasses.replace(parse_tiling(name), interpret=False)
                 run = jax.jit(lambda *a, t=tiling: expert_ffn(*a, tiling=t))
                 for kernel, warps, stages, grid, text in triton_modules(
                         run.trace(*shapes).lower(lowering_platforms=("cuda",))):
