@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import fit, round_up, run_interpreted
+from pallas_kernels.common import fit, pallas_call, round_up
 
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(MASKED - MASKED) stays defined
 
@@ -70,14 +70,12 @@ class Mask:
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-    """Block sizes along queries and keys; ``interpret``: None = interpret unless on TPU."""
+    """Block sizes along queries and keys; ``interpret``: None = the Mosaic kernel where the program
+    is lowered for TPU, interpreted elsewhere."""
 
     q: int = 128
     k: int = 128
     interpret: bool | None = None
-
-    def run_interpreted(self) -> bool:
-        return run_interpreted(self.interpret)
 
 
 def _scores(mask: Mask, offset, q, k, qi, ki, bq, bk):
@@ -185,13 +183,14 @@ def _specs(bq, bk, d, group):
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, blocks: Blocks, name: str, offsets, *args):
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         out_shape=out_shape,
         grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
                                                out_specs=out_specs, scratch_shapes=scratch),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=blocks.run_interpreted(),
+        platform="tpu",
+        interpret=blocks.interpret,
         name=name,
     )(offsets, *args)
 

@@ -1,9 +1,11 @@
-"""Helpers the kernels share: block-size fitting, zero padding and the interpret-mode default."""
+"""Helpers the kernels share: block-size fitting, zero padding and the choice between the compiled
+and the interpreted kernel."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 
 def round_up(x: int, m: int) -> int:
@@ -22,6 +24,14 @@ def fit(tile: int, dim: int, align: int) -> int:
     return tile if dim > tile else round_up(dim, align)
 
 
-def run_interpreted(interpret: bool | None) -> bool:
-    """None = interpret unless the default backend is TPU (Mosaic kernels run only there)."""
-    return jax.default_backend() != "tpu" if interpret is None else interpret
+def pallas_call(kernel, *, platform: str, interpret: bool | None, **kwargs):
+    """``pl.pallas_call(kernel, **kwargs)``, compiled for ``platform`` (``"tpu"``: Mosaic, ``"cuda"``:
+    Triton) and interpreted on every other platform. ``interpret``: None = chosen by the platform the
+    program is lowered for (``lax.platform_dependent``), not by this process's default backend, so a
+    program compiled ahead of time for a TPU or GPU topology from a CPU host gets the real kernel;
+    True / False force one."""
+    if interpret is not None:
+        return pl.pallas_call(kernel, interpret=interpret, **kwargs)
+    compiled = pl.pallas_call(kernel, interpret=False, **kwargs)
+    interpreted = pl.pallas_call(kernel, interpret=True, **kwargs)
+    return lambda *args: jax.lax.platform_dependent(*args, default=interpreted, **{platform: compiled})

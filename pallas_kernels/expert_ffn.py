@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import pad_to, round_up
+from pallas_kernels.common import pad_to, pallas_call, round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,8 @@ class GpuTiling:
     128 x 128 or more float32s (gate and up together), else 4. ``num_stages``: loads in flight per
     loop, lowered where the tiles of that many steps would not fit ``SHARED_MEMORY`` (an H100 has
     227 KiB per block). ``visits_inner``: launch the grid visits fastest instead of column blocks
-    fastest. ``interpret``: None = interpret unless the default backend is GPU."""
+    fastest. ``interpret``: None = the Triton kernels where the program is lowered for an NVIDIA
+    GPU, interpreted elsewhere."""
 
     bm: int | None = None
     bn: int = 64
@@ -60,9 +61,6 @@ class GpuTiling:
     num_stages: int = 3
     visits_inner: bool = False
     interpret: bool | None = None
-
-    def run_interpreted(self) -> bool:
-        return jax.default_backend() != "gpu" if self.interpret is None else self.interpret
 
     def rows_per_visit(self, rows: int, groups: int) -> int:
         if self.bm is not None:
@@ -153,12 +151,13 @@ def _grouped_product(visits, x: jax.Array, weights: tuple, scales: tuple, epilog
                                k_steps=k // bk, visits_inner=tiling.visits_inner)
     stage_bytes = bk * (bm * x.dtype.itemsize + len(weights) * bn * weights[0].dtype.itemsize)  # one loop step's tiles
     num_visits = visits[0].shape[0]
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((x.shape[0], n), x.dtype),
         grid=(num_visits, n // bn) if tiling.visits_inner else (n // bn, num_visits),
         compiler_params=tiling.compiler_params(len(weights) * bm * bn, stage_bytes),
-        interpret=tiling.run_interpreted(),
+        platform="cuda",
+        interpret=tiling.interpret,
         name=name,
     )(*visits, x, *weights, *scales)
 

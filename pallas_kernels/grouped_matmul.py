@@ -27,22 +27,20 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import fit, pad_to, round_up, run_interpreted
+from pallas_kernels.common import fit, pad_to, pallas_call, round_up
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
     """Block sizes: ``tm`` rows, ``tk`` of the contracted dim, ``tn`` output columns. On TPU a
     block dim must be a multiple of 8 (rows) / 128 (lanes) or the whole (padded) dim.
-    ``interpret``: None = interpret unless the default backend is TPU."""
+    ``interpret``: None = the Mosaic kernel where the program is lowered for TPU, interpreted
+    elsewhere."""
 
     tm: int = 128
     tk: int = 512
     tn: int = 512
     interpret: bool | None = None
-
-    def run_interpreted(self) -> bool:
-        return run_interpreted(self.interpret)
 
 
 def _local_bounds(group_sizes: jax.Array, group_offset, num_groups: int, m: int):
@@ -141,7 +139,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset=0, 
         rhs_p = pad_to(rhs, {1: kp, 2: np_})
         rhs_spec = pl.BlockSpec((None, tk, tn), lambda j, v, i, gid, tid, *_: (gid[v], i, j))
     k_tiles = kp // tk
-    out = pl.pallas_call(
+    out = pallas_call(
         functools.partial(_gmm_kernel, tm=tm, k_tiles=k_tiles, transpose_rhs=transpose_rhs),
         out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype or lhs.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -152,7 +150,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset=0, 
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
         ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-        interpret=tiling.run_interpreted(),
+        platform="tpu",
+        interpret=tiling.interpret,
         name="gmm",
     )(group_ids, tile_ids, starts, ends, num, lhs_p, rhs_p)
     rows = jnp.arange(mp)[:, None]
@@ -172,7 +171,7 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, num_groups: in
     mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
     starts, ends = _local_bounds(group_sizes, group_offset, num_groups, m)
     group_ids, tile_ids, num = _visits(starts, ends, mp // tm, tm)
-    out = pl.pallas_call(
+    out = pallas_call(
         functools.partial(_tgmm_kernel, tm=tm),
         out_shape=jax.ShapeDtypeStruct((num_groups, kp, np_), out_dtype or lhs.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -184,7 +183,8 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, num_groups: in
             scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
         ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=tiling.run_interpreted(),
+        platform="tpu",
+        interpret=tiling.interpret,
         name="tgmm",
     )(group_ids, tile_ids, starts, ends, num, pad_to(lhs, {0: mp, 1: kp}),
       pad_to(grad, {0: mp, 1: np_}))
