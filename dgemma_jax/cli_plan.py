@@ -22,23 +22,26 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def add_parsers(sub) -> None:
     p = sub.add_parser(
-        "plan", help="compile the model's programs for a mesh (e.g. a TPU v5e topology) and print memory/cost",
+        "plan", help="compile the model's programs for a mesh (e.g. a TPU v5e topology or an H100) and print "
+                     "memory/cost",
         description="Ahead-of-time compile the canvas step, the denoising loop and a LoRA train step with "
-                    "abstract weights (nothing is allocated), for a TPU topology (needs jax[tpu]; no TPU) "
-                    "or this machine's devices, and print per-chip memory, XLA's cost estimate, the "
-                    "weight-read floor and the communication volume.")
+                    "abstract weights (nothing is allocated), for a TPU topology (needs jax[tpu]; no TPU), "
+                    "H100s (needs jax's CUDA plugin; no GPU) or this machine's devices, and print per-chip "
+                    "memory, XLA's cost estimate, the weight-read floor, the communication volume and the "
+                    "device programs launched per pass.")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="a configs/model/*.py file "
                    "(default: the 26B-A4B config)")
-    p.add_argument("--topology", default=None, help="TPU topology to compile for, e.g. v5e:2x4, v5e:4x4, v5e:8x8 "
-                   "(default: this machine's devices)")
+    p.add_argument("--topology", default=None, help="topology to compile for: TPU v5e:2x4, v5e:4x4, v5e:8x8, or "
+                   "h100, h100:8 (GPUs on one host) (default: this machine's devices)")
     p.add_argument("--mesh", default="expert=8", help="mesh axes AXIS=SIZE,... over the devices "
                    "(data, fsdp, expert, tensor; default: %(default)s)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=4096, help="KV-cache positions / training tokens per row")
     p.add_argument("--programs", default="canvas,loop,train", help="any of canvas, loop, train (default: %(default)s)")
     p.add_argument("--steps", type=int, default=16, help="denoising passes in the loop program")
-    p.add_argument("--moe-impl", default="auto", help="MoE back end (auto: pallas on TPU)")
-    p.add_argument("--attention-impl", default=None, help="attention back end (default: pallas on TPU, else xla)")
+    p.add_argument("--moe-impl", default="auto", help="MoE back end (auto: pallas on TPU, bucketed on GPU)")
+    p.add_argument("--attention-impl", default=None, help="attention back end (default: pallas for a TPU "
+                   "topology, else xla)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quantize", choices=("none", "int8"), default="none",
                    help="int8: the serving programs with int8 experts (default: %(default)s)")
@@ -57,7 +60,12 @@ def cmd_plan(args) -> int:
     unknown = set(programs) - set(PROGRAMS)
     if unknown:
         raise ValueError(f"--programs: unknown {sorted(unknown)}; expected any of {', '.join(PROGRAMS)}")
-    attention = args.attention_impl or ("pallas" if args.topology else "xla")
+    gpu = args.topology is not None and args.topology.lower().startswith("h100")
+    if gpu:  # compile-only GPU devices need JAX's CUDA plugin left out of the runtime backends
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+    attention = args.attention_impl or ("pallas" if args.topology and not gpu else "xla")
     config = load_model_config(args.config).replace(moe_impl=args.moe_impl, attention_impl=attention)
     print(f"config {args.config} | topology {args.topology or 'this machine'} | {args.dtype}")
     print(HEADER, flush=True)

@@ -16,7 +16,9 @@ AdamW, remat; each row holds ``context`` tokens: a prompt and as many whole canv
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import importlib.util
 import re
 import time
 
@@ -39,6 +41,11 @@ _COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-gather|all-reduce|reduce-sc
                          r"(-start)?\(")
 _SHAPE = re.compile(r"(bf16|f16|f32|s32|u32|s8|u8|f8e4m3fn|pred)\[([0-9,]*)\]")
 _BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "f8e4m3fn": 1, "pred": 1}
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = .*? ([a-z][a-z0-9\-]*)\((.*)$")
+_NOT_LAUNCHED = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
+                 "replica-id", "opt-barrier", "add-dependency"}  # and the "-done" halves of async ops
+PALLAS_TARGETS = ("tpu_custom_call", "__gpu$xla.gpu.triton")  # Mosaic (TPU) and Triton (GPU) kernels
 
 
 @dataclasses.dataclass
@@ -59,14 +66,49 @@ class PlanRow:
     weight_floor_s: float | None  # per-chip weight bytes / HBM bandwidth
     comm_gb: float  # per chip: bytes produced by collectives in the compiled program
     compile_s: float
+    launches: int = 0  # device programs (fusions, custom calls, other ops) run per pass; a loop body once
+    pallas_kernels: int = 0  # of which Pallas kernels (Mosaic on TPU, Triton on GPU)
     error: str | None = None  # why it did not compile (e.g. XLA: out of HBM); the numbers are then 0
 
 
+# An H100 SXM 80 GB as XLA's GPU compiler sees it (NVIDIA's published figures: 132 SMs, 228 KiB of
+# shared memory per SM and 227 KiB per block, 50 MiB of L2, 3.35 TB/s, 1.98 GHz boost).
+H100_TARGET = """gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 shared_memory_per_block_optin: 232448 threads_per_core_limit: 2048
+  core_count: 132 fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84929347584 registers_per_core_limit: 65536 registers_per_block_limit: 65536
+  cuda_compute_capability { major: 9 minor: 0 }
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: %d minor: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+
 def topology_devices(name: str):
-    """``"v5e:2x4"`` -> the TPU devices of that topology (compile-only; needs libtpu)."""
+    """Compile-only devices for a topology, no accelerator needed: ``"v5e:2x4"`` (TPU; needs libtpu)
+    or ``"h100"`` / ``"h100:8"`` (that many H100s on one host; needs the jax-cuda13-plugin or
+    jax-cuda12-plugin matching this jax, and ptxas from a CUDA toolkit on PATH)."""
     from jax.experimental import topologies
 
-    return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    if not name.lower().startswith("h100"):
+        return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    count = name.partition(":")[2] or "1"
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"topology {name!r}: expected h100 or h100:<GPUs on the host>, e.g. h100:8")
+    plugin = next((f"jax_cuda{v}_plugin" for v in (13, 12) if importlib.util.find_spec(f"jax_cuda{v}_plugin")), None)
+    if plugin is None:
+        raise RuntimeError(f"topology {name!r} needs jax's CUDA plugin to compile for GPU: pip install "
+                           f"jax-cuda13-plugin=={jax.__version__} (no GPU or CUDA libraries needed; ptxas on PATH)")
+    target = H100_TARGET % int(plugin[len("jax_cuda"):-len("_plugin")])
+    try:
+        return topologies.get_topology_desc(platform="cuda", target_config=target, topology=f"1x1x{count}").devices
+    except NotImplementedError as e:  # the plugin was set up as a runtime backend and failed (no GPU)
+        raise RuntimeError(f"topology {name!r}: compiling for GPU without one needs JAX_PLATFORMS=cpu (set "
+                           f"before JAX starts; `dgemma plan` sets it)") from e
 
 
 def _abstract_state(config: ModelConfig, dtype, mesh: Mesh, rules=RULES, quantize: str = "none"):
@@ -103,6 +145,45 @@ def _collective_bytes(hlo: str) -> int:
         for dt, dims in _SHAPE.findall(match.group(1)):
             total += _BYTES[dt] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
     return total
+
+
+def launches(hlo: str) -> dict[str, int]:
+    """Operations of a compiled program that each launch a device program (fusions, custom calls by
+    target, unfused ops such as copies and collectives), counted from the entry computation through
+    the control flow it calls; a ``while`` body counts once, a ``conditional`` its largest branch."""
+    computations: dict[str, list[tuple[str, str]]] = {}  # name -> [(op, the rest of its line)]
+    body = entry = None
+    for line in hlo.splitlines():
+        if (start := _COMPUTATION.match(line)) is not None:
+            body = computations.setdefault(start.group(1), [])
+            entry = start.group(1) if line.startswith("ENTRY") else entry
+        elif line.startswith("}"):
+            body = None
+        elif body is not None and (ins := _INSTRUCTION.match(line)) is not None:
+            body.append((ins.group(1), ins.group(2)))
+
+    def count(name: str) -> collections.Counter:
+        total = collections.Counter()
+        for op, rest in computations[name]:
+            if op in ("while", "conditional"):  # on GPU each is a round trip through the host
+                total[op] += 1
+            if op == "while":
+                loop = re.search(r"condition=%([^,\s]+).*body=%([^,\s]+)", rest)
+                total += count(loop.group(1)) + count(loop.group(2))
+            elif op == "conditional":
+                listed = re.search(r"branch_computations=\{([^}]*)\}", rest)
+                branches = re.findall(r"%([^,\s]+)", listed.group(1)) if listed else \
+                    re.findall(r"(?:true|false)_computation=%([^,\s]+)", rest)
+                total += max((count(b) for b in branches), key=lambda c: sum(c.values()))
+            elif op == "call":
+                total += count(re.search(r"to_apply=%([^,\s]+)", rest).group(1))
+            elif op == "custom-call":
+                total[re.search(r'custom_call_target="([^"]+)"', rest).group(1)] += 1
+            elif op not in _NOT_LAUNCHED and not op.endswith("-done"):
+                total[op] += 1
+        return total
+
+    return dict(count(entry))
 
 
 def _lower_canvas(config, graphdef, state, mesh, batch, context, dtype):
@@ -177,10 +258,6 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
     them: ``dgemma_jax.layouts``) or as they arrive (``"default"``)."""
     devices = topology_devices(topology) if topology else jax.devices()
     mesh = make_mesh(mesh_shape, devices)
-    from dgemma_jax.training.trainer import training_moe_impl
-
-    platform = devices[0].platform
-    train_config = config.replace(remat=True, moe_impl=training_moe_impl(config.moe_impl, platform))
     graphdef, state, abstract = _abstract_state(config, dtype, mesh, quantize=quantize)
     kind = devices[0].device_kind
     hbm, bandwidth, peak_flops = CHIPS.get(kind, (None, None, None))
@@ -195,6 +272,10 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
         elif program == "loop":
             lowered = _lower_loop(config, graphdef, state, mesh, batch, context, dtype, steps, weight_layouts)
         elif program == "train":
+            from dgemma_jax.training.trainer import training_moe_impl
+
+            moe_impl = training_moe_impl(config.moe_impl, devices[0].platform)
+            train_config = config.replace(remat=True, moe_impl=moe_impl)
             _, _, abstract_train = _abstract_state(train_config, dtype, mesh)
             lowered = _lower_train(train_config, abstract_train, mesh, batch, context, lora_rank)
         else:
@@ -210,6 +291,8 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
             rows.append(row)
             continue
         seconds = time.perf_counter() - t0
+        hlo = compiled.as_text()
+        ops = launches(hlo)
         mem = compiled.memory_analysis()
         cost = compiled.cost_analysis()
         cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
@@ -223,9 +306,10 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
             output_gb=mem.output_size_in_bytes * gb, peak_gb=peak * gb, hbm_gb=hbm * gb if hbm else None,
             flops=flops, bytes_accessed=bytes_accessed,
             seconds=est if est is not None and est > 0 else None,
-            roofline_s=max(flops / peak_flops, bytes_accessed / bandwidth) if bandwidth else None,
+            roofline_s=max(flops / peak_flops, bytes_accessed / bandwidth) if bandwidth and cost else None,
             weight_floor_s=weight_bytes / bandwidth if bandwidth else None,
-            comm_gb=_collective_bytes(compiled.as_text()) * gb, compile_s=seconds,
+            comm_gb=_collective_bytes(hlo) * gb, compile_s=seconds,
+            launches=sum(ops.values()), pallas_kernels=sum(ops.get(t, 0) for t in PALLAS_TARGETS),
         )
         progress(format_row(row))
         rows.append(row)
@@ -233,7 +317,8 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
 
 
 HEADER = (f"{'program':<8}{'mesh':<22}{'batch':>6}{'context':>8}{'args GB':>9}{'temp GB':>9}{'peak GB':>9}"
-          f"{'HBM GB':>8}{'TFLOP':>8}{'est ms':>9}{'roof ms':>9}{'floor ms':>9}{'comm GB':>9}{'compile s':>10}")
+          f"{'HBM GB':>8}{'TFLOP':>8}{'est ms':>9}{'roof ms':>9}{'floor ms':>9}{'comm GB':>9}{'kernels':>9}{'pallas':>7}"
+          f"{'compile s':>10}")
 
 
 def format_row(r: PlanRow) -> str:
@@ -244,4 +329,5 @@ def format_row(r: PlanRow) -> str:
         return f"{r.program:<8}{r.mesh:<22}{r.batch:>6}{r.context:>8}  does not compile: {r.error}"
     return (f"{r.program:<8}{r.mesh:<22}{r.batch:>6}{r.context:>8}{r.argument_gb:>9.2f}{r.temp_gb:>9.2f}"
             f"{r.peak_gb:>9.2f}{opt(r.hbm_gb, fmt='{:.0f}'):>8}{r.flops * 1e-12:>8.2f}{opt(r.seconds, 1e3):>9}"
-            f"{opt(r.roofline_s, 1e3):>9}{opt(r.weight_floor_s, 1e3):>9}{r.comm_gb:>9.3f}{r.compile_s:>10.1f}")
+            f"{opt(r.roofline_s, 1e3):>9}{opt(r.weight_floor_s, 1e3):>9}{r.comm_gb:>9.3f}{r.launches:>9}"
+            f"{r.pallas_kernels:>7}{r.compile_s:>10.1f}")

@@ -60,3 +60,20 @@ def test_a_program_that_does_not_fit_is_reported_not_raised(monkeypatch, capsys)
     assert rows[0].error == "RESOURCE_EXHAUSTED: Ran out of memory on HBM" and rows[1].error is None
     assert rows[1].peak_gb > 0
     assert "canvas" in capsys.readouterr().out.split("does not compile: RESOURCE_EXHAUSTED")[0]
+
+
+def test_launches_counts_device_programs_through_control_flow():
+    """A loop body counts once, a conditional its larger branch; the loop and the conditional
+    themselves count too (on GPU each is a round trip through the host)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dgemma_jax.plan import launches
+
+    def f(x, flag):
+        x = jax.lax.fori_loop(0, jnp.int32(flag.sum()), lambda i, x: jnp.sin(x) @ x, x)
+        return jax.lax.cond(flag[0], lambda x: x, lambda x: jnp.tanh(x @ x) @ x, x)
+
+    ops = launches(jax.jit(f).lower(jnp.ones((8, 8)), jnp.ones((2,), bool)).compile().as_text())
+    assert ops["while"] == 1 and ops["conditional"] == 1
+    assert sum(ops.values()) >= 2 + 2 + 2  # + the loop body's product and the larger branch's two
