@@ -194,7 +194,9 @@ def _bucketed(x, weights, key, w: ExpertWeights):
             return jnp.take(y, dest, axis=0, mode="fill", fill_value=0)  # [N*K, H]
         return run
 
-    pick = jnp.searchsorted(jnp.asarray(capacities), jnp.max(sizes))
+    # compare_all: one fused compare-and-count; the default binary search is a while loop, which on
+    # GPU costs a launch sequence per step and keeps the pass out of one command buffer
+    pick = jnp.searchsorted(jnp.asarray(capacities), jnp.max(sizes), method="compare_all")
     y = jax.lax.switch(jnp.minimum(pick, len(capacities) - 1), [branch(c) for c in capacities], x)
     return _combine(y, weights, order, token, n)
 
