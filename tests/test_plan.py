@@ -38,6 +38,8 @@ def test_bad_arguments_are_named(capsys):
         parse_mesh("expert")
     assert cli.main(["plan", "--config", str(TINY), "--programs", "canvas,decode"]) == 1
     assert "decode" in capsys.readouterr().err
+    assert cli.main(["plan", "--config", str(TINY), "--topology", "h100:x", "--programs", "canvas"]) == 1
+    assert "topology 'h100:x': expected h100 or h100:<GPUs on the host>" in capsys.readouterr().err
 
 
 def test_a_program_that_does_not_fit_is_reported_not_raised(monkeypatch, capsys):
