@@ -54,13 +54,13 @@ def add_parsers(sub) -> None:
 
 def cmd_plan(args) -> int:
     from dgemma_jax.configs_io import load_model_config
-    from dgemma_jax.plan import HEADER, PROGRAMS, plan
+    from dgemma_jax.plan import HEADER, PROGRAMS, is_gpu_topology, plan
 
     programs = tuple(x.strip() for x in args.programs.split(",") if x.strip())
     unknown = set(programs) - set(PROGRAMS)
     if unknown:
         raise ValueError(f"--programs: unknown {sorted(unknown)}; expected any of {', '.join(PROGRAMS)}")
-    gpu = args.topology is not None and args.topology.lower().startswith("h100")
+    gpu = is_gpu_topology(args.topology)
     if gpu:  # compile-only GPU devices need JAX's CUDA plugin left out of the runtime backends
         import jax
 

@@ -88,13 +88,18 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 """
 
 
+def is_gpu_topology(name: str | None) -> bool:
+    """Whether ``--topology`` names H100s (``h100``, ``h100:8``) rather than a TPU slice."""
+    return name is not None and name.lower().startswith("h100")
+
+
 def topology_devices(name: str):
     """Compile-only devices for a topology, no accelerator needed: ``"v5e:2x4"`` (TPU; needs libtpu)
     or ``"h100"`` / ``"h100:8"`` (that many H100s on one host; needs the jax-cuda13-plugin or
     jax-cuda12-plugin matching this jax, and ptxas from a CUDA toolkit on PATH)."""
     from jax.experimental import topologies
 
-    if not name.lower().startswith("h100"):
+    if not is_gpu_topology(name):
         return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
     count = name.partition(":")[2] or "1"
     if not count.isdigit() or int(count) < 1:
