@@ -102,7 +102,9 @@ def _sort_by_expert(key: jax.Array, num_local: int):
     Other shards' assignments sort last, after every local group."""
     flat = key.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=num_local + 1)[:num_local].astype(jnp.int32)
+    # counted by compare-and-sum, one fusion: a bincount scatters into a zeroed buffer, which XLA
+    # hoists out of the denoising loop and then copies back in on every pass
+    sizes = jnp.sum(jnp.arange(num_local, dtype=flat.dtype)[:, None] == flat, axis=1, dtype=jnp.int32)
     return order, order // key.shape[1], flat[order], sizes
 
 

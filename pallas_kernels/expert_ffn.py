@@ -94,8 +94,12 @@ def _visits(sizes: jax.Array, rows: int, bm: int):
     v = rows // bm + e  # sum over groups of ceil(size / bm) <= rows // bm + E
     starts = jnp.cumsum(sizes) - sizes
     tiles = -(-sizes // bm)  # [E] visits per expert
-    expert = jnp.clip(jnp.repeat(jnp.arange(e, dtype=jnp.int32), tiles, total_repeat_length=v), 0, e - 1)
-    rank = jnp.arange(v, dtype=jnp.int32) - (jnp.cumsum(tiles) - tiles)[expert]
+    last = jnp.cumsum(tiles)  # [E] one past each expert's last visit
+    index = jnp.arange(v, dtype=jnp.int32)
+    # a visit's expert: how many experts end at or before it (compare-and-count; a repeat would
+    # scatter into a zeroed buffer, which the denoising loop copies back in on every pass)
+    expert = jnp.minimum(jnp.sum(last[None, :] <= index[:, None], axis=1, dtype=jnp.int32), e - 1)
+    rank = index - (last - tiles)[expert]
     first = starts[expert] + jnp.clip(rank, 0, None) * bm
     end = jnp.minimum(first + bm, starts[expert] + sizes[expert])
     return expert, jnp.clip(first, 0, rows), end, jnp.sum(tiles).reshape(1).astype(jnp.int32)
