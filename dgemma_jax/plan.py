@@ -104,11 +104,11 @@ def topology_devices(name: str):
     count = name.partition(":")[2] or "1"
     if not count.isdigit() or int(count) < 1:
         raise ValueError(f"topology {name!r}: expected h100 or h100:<GPUs on the host>, e.g. h100:8")
-    plugin = next((f"jax_cuda{v}_plugin" for v in (13, 12) if importlib.util.find_spec(f"jax_cuda{v}_plugin")), None)
-    if plugin is None:
+    cuda = next((v for v in (13, 12) if importlib.util.find_spec(f"jax_cuda{v}_plugin")), None)  # its CUDA major
+    if cuda is None:
         raise ValueError(f"topology {name!r} needs jax's CUDA plugin to compile for GPU: pip install "
                          f"'jax[cuda13-local]=={jax.__version__}' (no GPU or CUDA libraries needed; ptxas on PATH)")
-    target = H100_TARGET % int(plugin[len("jax_cuda"):-len("_plugin")])
+    target = H100_TARGET % cuda
     try:
         return topologies.get_topology_desc(platform="cuda", target_config=target, topology=f"1x1x{count}").devices
     except NotImplementedError as e:  # the plugin was set up as a runtime backend and failed (no GPU)
