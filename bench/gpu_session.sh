@@ -3,11 +3,14 @@
 # within the device tool's 10-minute limit. Run from the repository root; the wheels the machine
 # lacks (transformers >= 5.24 for the oracle, ml-collections; flax only if the machine's is older
 # than ours) sit in .whl/ (carried).
-#   bench/gpu_session.sh start        # moe.py (no tiling sweep), then gpu_step.py in the background
-#                                     # with the MoE back end that won at 1,024 tokens; follows its log
+#   bench/gpu_session.sh start        # moe.py (no tiling sweep) and attention.py (default blocks), then
+#                                     # gpu_step.py in the background with the MoE back end that won at
+#                                     # 1,024 tokens and the attention back end that won the sliding
+#                                     # layers' canvas pass at batch 4; follows its log
 #   bench/gpu_session.sh step ARGS    # gpu_step.py ARGS in the background; follows its log
 #   bench/gpu_session.sh wait         # follows the log of the gpu_step.py started before, to its end
 #   bench/gpu_session.sh tilings      # moe.py's sweep of the pallas_gpu kernels over GpuTiling variants
+#   bench/gpu_session.sh blocks       # attention.py's sweep of the attention kernel over GpuBlocks variants
 # MOE_ARGS passes options to moe.py; BUDGET_S (default 560) is how long a call follows the log.
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
@@ -47,8 +50,11 @@ start)
 'transformers', transformers.__version__, 'torch', torch.__version__, jax.devices())" || exit 1
     python3 bench/moe.py --repeats 10 --tilings ${MOE_ARGS:-} 2>&1 | grep -v "^[EWI]0000" | tee "$OUT/moe.log"
     impl=$(sed -n 's/^fastest at 1024 tokens, none weights: \([a-z_]*\) .*/\1/p' "$OUT/moe.log")
-    echo "gpu_step.py --moe-impl ${impl:=auto}"
-    launch --moe-impl "$impl"
+    python3 bench/attention.py --repeats 10 --canvases 1 4 --blocks default 2>&1 | grep -v "^[EWI]0000" |
+        tee "$OUT/attention.log"
+    attention=$(sed -n 's/^fastest for sliding canvas at batch 4: \([a-z_]*\) .*/\1/p' "$OUT/attention.log")
+    echo "gpu_step.py --moe-impl ${impl:=auto} --attention-impl ${attention:=xla}"
+    launch --moe-impl "$impl" --attention-impl "$attention"
     follow
     ;;
 step)
@@ -65,7 +71,12 @@ tilings)
     timeout $((DEADLINE - SECONDS)) python3 bench/moe.py --repeats 10 --impls pallas_gpu --canvases 1 4 ${MOE_ARGS:-} \
         2>&1 | grep -v "^[EWI]0000" | tee "$OUT/tilings.log"
     ;;
+blocks)
+    install
+    timeout $((DEADLINE - SECONDS)) python3 bench/attention.py --repeats 10 --canvases 1 4 16 \
+        2>&1 | grep -v "^[EWI]0000" | tee "$OUT/blocks.log"
+    ;;
 *)
-    echo "usage: bench/gpu_session.sh start|step ARGS|wait|tilings" >&2; exit 2
+    echo "usage: bench/gpu_session.sh start|step ARGS|wait|tilings|blocks" >&2; exit 2
     ;;
 esac

@@ -9,7 +9,8 @@ Run on the GPU machine (from the repository root):
 Options: ``--batch`` (default 1 4), ``--context`` (cached prompt tokens, default 1024), ``--steps``
 (denoising passes per canvas, default 16), ``--repeats`` (median of N, default 10), ``--sides``
 (default ours,ours-int8,transformers; ``ours-int8`` is ours with int8 experts, ``dgemma_jax.quant``),
-``--moe-impl`` (ours' MoE back end, default auto).
+``--moe-impl`` (ours' MoE back end, default auto), ``--attention-impl`` (ours' attention back end,
+default xla; ``pallas_gpu`` is the GPU kernel).
 
 Each side runs in its own subprocess: the 26B model in bf16 is ~52 GB, one copy at a time fits an
 80 GB card. Per side and batch size B, on random weights drawn on the device:
@@ -49,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--sides", default="ours,ours-int8,transformers")
     p.add_argument("--moe-impl", default="auto")
+    p.add_argument("--attention-impl", default="xla")
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # internal: run one side, print JSON
     return p.parse_args(argv)
 
@@ -127,7 +129,7 @@ def run_ours(args, quantize: str = "none") -> dict:
     from dgemma_jax.generation import CanvasRows, _denoise_and_commit, eos_rows
     from dgemma_jax.sampling import SamplerConfig
 
-    config = load_model_config(args.config).replace(moe_impl=args.moe_impl)
+    config = load_model_config(args.config).replace(moe_impl=args.moe_impl, attention_impl=args.attention_impl)
     dtype = jnp.dtype(args.dtype)
     graphdef, state = random_model(config, dtype, quantize)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(state))

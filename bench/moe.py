@@ -39,21 +39,27 @@ GPU_TILINGS = ("default", "bm=16", "bm=32", "bn=32", "bk=256", "bn_down=64", "bk
                "num_stages=2", "num_stages=4", "visits_inner=1")
 
 
-def parse_tiling(text: str):
-    """``bm=16,num_warps=8`` (or ``default``) -> ``GpuTiling``; a clear error for an unknown field."""
+def parse_settings(text: str, cls, option: str):
+    """``bm=16,num_warps=8`` (or ``default``) -> ``cls(bm=16, num_warps=8)``, a dataclass of int fields;
+    a clear error naming ``option`` for an unknown field."""
     import dataclasses
 
-    from pallas_kernels.expert_ffn import GpuTiling
-
-    fields = {f.name for f in dataclasses.fields(GpuTiling)} - {"interpret"}
+    fields = {f.name for f in dataclasses.fields(cls)} - {"interpret"}
     values = {}
     for item in filter(None, text.split(",")) if text != "default" else ():
         name, _, value = item.partition("=")
         if name not in fields or not value.isdigit():
-            raise SystemExit(f"--tilings {text!r}: {item!r} is not NAME=INT with NAME one of "
+            raise SystemExit(f"{option} {text!r}: {item!r} is not NAME=INT with NAME one of "
                              f"{', '.join(sorted(fields))}")
         values[name] = int(value)
-    return GpuTiling(**values)
+    return cls(**values)
+
+
+def parse_tiling(text: str):
+    """``bm=16,num_warps=8`` (or ``default``) -> ``GpuTiling``."""
+    from pallas_kernels.expert_ffn import GpuTiling
+
+    return parse_settings(text, GpuTiling, "--tilings")
 
 
 def main(argv=None) -> int:

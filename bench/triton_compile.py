@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import re
 import subprocess
@@ -45,7 +46,8 @@ def triton_modules(lowered) -> list[tuple[str, int, int, str, str]]:
                 for inner in block:
                     if inner.name == "stablehlo.custom_call" and "triton" in str(inner.attributes["call_target_name"]):
                         config = inner.attributes["mhlo.backend_config"]
-                        grid = "x".join(str(config[f"grid_{a}"].value) for a in "xy")
+                        sizes = [config[f"grid_{a}"].value for a in "xyz"]
+                        grid = "x".join(map(str, sizes if sizes[2] > 1 else sizes[:2]))
                         with ir.Context() as ctx, ir.Location.unknown():
                             dialect.register_dialect(ctx)
                             text = ir.Module.parse(config["ir"].value_bytes).operation.get_asm(enable_debug_info=False)
@@ -79,35 +81,15 @@ def compile_for_gpu(text: str, warps: int, stages: int, arch: int) -> dict:
     return dict(shared=kernel.metadata.shared, registers=registers, spilled=spilled)
 
 
-def main(argv=None) -> int:
-    from bench.moe import GPU_TILINGS, parse_tiling
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "model", "diffusiongemma_26b_a4b.py"))
-    p.add_argument("--canvases", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--quantize", default="none,int8")
-    p.add_argument("--tilings", nargs="+", default=list(GPU_TILINGS))
-    p.add_argument("--arch", type=int, default=90, help="compute capability (90: H100, H200)")
-    args = p.parse_args(argv)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
-    try:
-        import triton
-    except ImportError:
-        raise SystemExit('bench/triton_compile.py needs the triton package: pip install -e ".[triton]"') from None
-
+def moe_cases(config, args):
+    """-> (label, jitted function, argument shapes) of the expert kernels per batch, weight type and tiling."""
     import jax
     import jax.numpy as jnp
 
-    from dgemma_jax.configs_io import load_model_config
+    from bench.moe import parse_tiling
     from pallas_kernels.expert_ffn import expert_ffn
 
-    config = load_model_config(args.config)
     e, hidden, width = config.num_experts, config.hidden_size, config.moe_intermediate_size
-    print(f"config {os.path.relpath(args.config, ROOT)} | {e} experts, top-{config.num_experts_per_tok}, H {hidden}, "
-          f"I {width} | triton {triton.__version__}, sm_{args.arch} | jax {jax.__version__}")
-    print(f"{'rows':>6} {'weights':>7} {'tiling':<16} {'kernel':<15} {'grid':>8} {'warps':>5} {'stages':>6} "
-          f"{'shared KiB':>10} {'regs':>5} {'spilled':>7}")
-    problems = []
     s = jax.ShapeDtypeStruct
     for canvases in args.canvases:
         m = canvases * config.canvas_length * config.num_experts_per_tok
@@ -119,22 +101,87 @@ def main(argv=None) -> int:
                 shapes += [s((e, width), jnp.float32), s((e, width), jnp.float32), s((e, hidden), jnp.float32)]
             for name in args.tilings:
                 tiling = dataclasses.replace(parse_tiling(name), interpret=False)
-                run = jax.jit(lambda *a, t=tiling: expert_ffn(*a, tiling=t))
-                for kernel, warps, stages, grid, text in triton_modules(
-                        run.trace(*shapes).lower(lowering_platforms=("cuda",))):
-                    row = f"{m:>6} {mode:>7} {name:<16} {kernel:<15} {grid:>8} {warps:>5} {stages:>6}"
-                    try:
-                        r = compile_for_gpu(text, warps, stages, args.arch)
-                    except Exception as err:  # noqa: BLE001 - report it and go on
-                        problems.append(f"{row.split()} : {type(err).__name__}: {str(err).splitlines()[0]}")
-                        print(f"{row}  failed: {type(err).__name__}: {str(err).splitlines()[0]}", flush=True)
-                        continue
-                    flags = [f for f, bad in (("shared memory", r["shared"] > SHARED_LIMIT),
-                                              ("spills", r["spilled"] > 0)) if bad]
-                    if flags:
-                        problems.append(f"{' '.join(row.split())}: {', '.join(flags)}")
-                    print(f"{row} {r['shared'] / 1024:>10.1f} {r['registers']:>5} {r['spilled']:>7}"
-                          f"{'  <- ' + ', '.join(flags) if flags else ''}", flush=True)
+                yield f"{m} rows {mode} {name}", jax.jit(lambda *a, t=tiling: expert_ffn(*a, tiling=t)), shapes
+
+
+def attention_cases(config, args):
+    """-> (label, jitted function, argument shapes) of the attention kernel per layer type, pass and batch
+    (a canvas over ``--context`` cache slots)."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench.attention import parse_blocks
+    from dgemma_jax.config import SLIDING
+    from pallas_kernels.attention_gpu import gpu_attention
+
+    s = jax.ShapeDtypeStruct
+    for name, layer_type in itertools.product(args.blocks, sorted(set(config.layer_types))):
+        blocks = dataclasses.replace(parse_blocks(name), interpret=False)
+        d, kh = config.layer_head_dim(layer_type), config.layer_kv_heads(layer_type)
+        window = config.sliding_window if layer_type == SLIDING else None
+        for canvases in args.canvases:
+            b, length = canvases, config.canvas_length
+            q = s((b, length, config.num_heads, d), jnp.bfloat16)
+            cache = s((b, kh, args.context, d), jnp.bfloat16)
+            offsets = s((b,), jnp.int32)
+            canvas = lambda q, keys, values, offsets, k, v, w=window: gpu_attention(  # noqa: E731
+                q, keys, values, offsets, kind="canvas", window=w, canvas=(k, v), blocks=blocks)
+            causal = lambda q, keys, values, offsets, w=window: gpu_attention(  # noqa: E731
+                q, keys, values, offsets, kind="causal", window=w, blocks=blocks)
+            kv = s((b, kh, length, d), jnp.bfloat16)
+            label = f"{layer_type.split('_')[0]} D{d} b{b} {name}"
+            yield f"{label} canvas", jax.jit(canvas), [q, cache, cache, offsets, kv, kv]
+            yield f"{label} causal", jax.jit(causal), [q, cache, cache, offsets]
+
+
+def main(argv=None) -> int:
+    from bench.attention import GPU_BLOCKS
+    from bench.moe import GPU_TILINGS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "model", "diffusiongemma_26b_a4b.py"))
+    p.add_argument("--kernels", default="moe,attention", help="which: moe (expert_ffn), attention (attention_gpu)")
+    p.add_argument("--canvases", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--quantize", default="none,int8", help="expert weights of the moe kernels")
+    p.add_argument("--tilings", nargs="+", default=list(GPU_TILINGS), help="GpuTilings of the moe kernels")
+    p.add_argument("--blocks", nargs="+", default=list(GPU_BLOCKS), help="GpuBlocks of the attention kernel")
+    p.add_argument("--context", type=int, default=1024, help="cache slots of the attention kernels")
+    p.add_argument("--arch", type=int, default=90, help="compute capability (90: H100, H200)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+    try:
+        import triton
+    except ImportError:
+        raise SystemExit('bench/triton_compile.py needs the triton package: pip install -e ".[triton]"') from None
+
+    import jax
+
+    from dgemma_jax.configs_io import load_model_config
+
+    config = load_model_config(args.config)
+    print(f"config {os.path.relpath(args.config, ROOT)} | {config.num_experts} experts, top-{config.num_experts_per_tok}, "
+          f"H {config.hidden_size}, I {config.moe_intermediate_size} | triton {triton.__version__}, sm_{args.arch} | "
+          f"jax {jax.__version__}")
+    print(f"{'case':<40} {'kernel':<24} {'grid':>8} {'warps':>5} {'stages':>6} {'shared KiB':>10} {'regs':>5} "
+          f"{'spilled':>7}")
+    sources = dict(moe=moe_cases, attention=attention_cases)
+    problems = []
+    for which in args.kernels.split(","):
+        for case, run, shapes in sources[which](config, args):
+            for kernel, warps, stages, grid, text in triton_modules(run.trace(*shapes).lower(lowering_platforms=("cuda",))):
+                row = f"{case:<40} {kernel:<24} {grid:>8} {warps:>5} {stages:>6}"
+                try:
+                    r = compile_for_gpu(text, warps, stages, args.arch)
+                except Exception as err:  # noqa: BLE001 - report it and go on
+                    problems.append(f"{' '.join(row.split())}: {type(err).__name__}: {str(err).splitlines()[0]}")
+                    print(f"{row}  failed: {type(err).__name__}: {str(err).splitlines()[0]}", flush=True)
+                    continue
+                flags = [f for f, bad in (("shared memory", r["shared"] > SHARED_LIMIT),
+                                          ("spills", r["spilled"] > 0)) if bad]
+                if flags:
+                    problems.append(f"{' '.join(row.split())}: {', '.join(flags)}")
+                print(f"{row} {r['shared'] / 1024:>10.1f} {r['registers']:>5} {r['spilled']:>7}"
+                      f"{'  <- ' + ', '.join(flags) if flags else ''}", flush=True)
     for problem in problems:
         print(f"PROBLEM: {problem}")
     return 1 if problems else 0

@@ -1,6 +1,8 @@
 """Attention masks of the two passes and the attention back ends (``config.attention_impl``):
-``xla`` (dense masks, einsums) and ``pallas`` (``pallas_kernels.attention``: flash-style, masks
-computed per block, empty blocks skipped; Mosaic on TPU, interpreted elsewhere).
+``xla`` (dense masks, einsums), ``pallas`` (``pallas_kernels.attention``: flash-style, masks
+computed per block, empty blocks skipped; Mosaic on TPU, interpreted elsewhere; with its gradient)
+and ``pallas_gpu`` (``pallas_kernels.attention_gpu``: flash-style, each query block walks only the
+key blocks its mask reaches; Triton on GPU, interpreted elsewhere; serving only).
 
 Encoder pass (causal): a token at position p sees cache positions k <= p; on sliding layers also
 k > p - window.
@@ -62,31 +64,57 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     return out.reshape(b, t, n, d)
 
 
-def _pallas(mesh, q, k, v, offsets, **mask):
-    """The Pallas kernel; on a mesh under ``shard_map`` over the batch (Mosaic kernels must be)."""
-    from pallas_kernels.attention import flash_attention
-
-    run = functools.partial(flash_attention, **mask)
+def _on_mesh(mesh, kernel, *args):
+    """``kernel(*args)``; on a mesh under ``shard_map`` over the batch (Mosaic kernels must be, and
+    Triton ones are single-device programs). Every arg has the batch first."""
     if mesh is None or mesh.size == 1:
-        return run(q, k, v, offsets)
-    spec = logical_to_spec(("batch",), q.shape[:1], mesh, RULES)
-    return jax.shard_map(run, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)(q, k, v, offsets)
+        return kernel(*args)
+    spec = logical_to_spec(("batch",), args[0].shape[:1], mesh, RULES)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
 
 
-def attend_causal(q, keys, values, start, window: int | None, impl: str = "xla", mesh: Mesh | None = None):
+def _settings(blocks) -> dict:
+    return {} if blocks is None else {"blocks": blocks}
+
+
+def attend_causal(q, keys, values, start, window: int | None, impl: str = "xla", mesh: Mesh | None = None,
+                  blocks=None):
     """Encoder pass: q [B, T, N, D] at positions ``start + t``, keys/values [B, K, S, D] (the cache,
-    these tokens' K/V already written) -> [B, T, N, D]."""
+    these tokens' K/V already written) -> [B, T, N, D]. ``blocks``: the kernel's block sizes
+    (``Blocks`` for ``pallas``, ``GpuBlocks`` for ``pallas_gpu``; None = its defaults)."""
     if impl == "pallas":
-        return _pallas(mesh, q, keys, values, start, kind="causal", window=window)
+        from pallas_kernels.attention import flash_attention
+
+        kernel = functools.partial(flash_attention, kind="causal", window=window, **_settings(blocks))
+        return _on_mesh(mesh, kernel, q, keys, values, start)
+    if impl == "pallas_gpu":
+        from pallas_kernels.attention_gpu import gpu_attention
+
+        kernel = functools.partial(gpu_attention, kind="causal", window=window, **_settings(blocks))
+        return _on_mesh(mesh, kernel, q, keys, values, start)
     positions = start[:, None] + jnp.arange(q.shape[1], dtype=jnp.int32)[None, :]
     return attend(q, keys, values, encoder_mask(positions, keys.shape[2], window))
 
 
-def attend_canvas(q, keys, values, k, v, length, window: int | None, impl: str = "xla", mesh: Mesh | None = None):
+def attend_canvas(q, keys, values, k, v, length, window: int | None, impl: str = "xla", mesh: Mesh | None = None,
+                  blocks=None):
     """Canvas pass: q [B, L, N, D] and k/v [B, K, L, D] of the canvas over ``concat(cache keys/values
-    [B, K, S, D], k/v)`` with ``length`` [B] filled cache slots -> [B, L, N, D]."""
+    [B, K, S, D], k/v)`` with ``length`` [B] filled cache slots -> [B, L, N, D]. ``pallas_gpu`` reads
+    the cache and the canvas keys where they are, without the concatenation."""
+    if impl == "pallas_gpu":
+        from pallas_kernels.attention_gpu import gpu_attention
+
+        def kernel(q, keys, values, length, k, v):
+            return gpu_attention(q, keys, values, length, kind="canvas", window=window, canvas=(k, v),
+                                 **_settings(blocks))
+
+        return _on_mesh(mesh, kernel, q, keys, values, length, k, v)
     all_k = jnp.concatenate([keys.astype(k.dtype), k], axis=2)
     all_v = jnp.concatenate([values.astype(v.dtype), v], axis=2)
     if impl == "pallas":
-        return _pallas(mesh, q, all_k, all_v, length, kind="canvas", window=window, cache_size=keys.shape[2])
+        from pallas_kernels.attention import flash_attention
+
+        kernel = functools.partial(flash_attention, kind="canvas", window=window, cache_size=keys.shape[2],
+                                   **_settings(blocks))
+        return _on_mesh(mesh, kernel, q, all_k, all_v, length)
     return attend(q, all_k, all_v, canvas_mask(length, keys.shape[2], k.shape[2], window))

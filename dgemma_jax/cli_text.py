@@ -77,11 +77,11 @@ def _common(p: argparse.ArgumentParser, max_new_tokens) -> None:
 
 def add_backend_flags(p: argparse.ArgumentParser) -> None:
     """``--moe-impl`` / ``--attention-impl``: the model's back ends (``from_pretrained`` switches)."""
-    from dgemma_jax.config import MOE_IMPLS
+    from dgemma_jax.config import ATTENTION_IMPLS, MOE_IMPLS
 
     p.add_argument("--moe-impl", choices=MOE_IMPLS, default=None,
                    help="MoE back end (default: the config's, auto: pallas on TPU, bucketed on GPU, tiled on CPU)")
-    p.add_argument("--attention-impl", choices=("xla", "pallas"), default=None,
+    p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default=None,
                    help="attention back end (default: the config's, xla)")
 
 

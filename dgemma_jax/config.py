@@ -12,6 +12,7 @@ SLIDING = "sliding_attention"
 FULL = "full_attention"
 _SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
 MOE_IMPLS = ("auto", "ragged", "pallas", "pallas_gpu", "tiled", "bucketed", "dense")
+ATTENTION_IMPLS = ("xla", "pallas", "pallas_gpu")
 
 
 class ConfigError(ValueError):
@@ -87,8 +88,8 @@ class ModelConfig:
             raise ConfigError(f"hidden_activation={self.hidden_activation!r} is not supported")
         if self.moe_impl not in MOE_IMPLS:
             raise ConfigError(f"moe_impl={self.moe_impl!r}: expected one of {', '.join(MOE_IMPLS)}")
-        if self.attention_impl not in ("xla", "pallas"):
-            raise ConfigError(f"attention_impl={self.attention_impl!r}: expected 'xla' or 'pallas'")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention_impl={self.attention_impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
         rope = dict(self.rope)
         for lt in set(self.layer_types):
             if lt not in rope:

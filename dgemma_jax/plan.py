@@ -277,10 +277,10 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
         elif program == "loop":
             lowered = _lower_loop(config, graphdef, state, mesh, batch, context, dtype, steps, weight_layouts)
         elif program == "train":
-            from dgemma_jax.training.trainer import training_moe_impl
+            from dgemma_jax.training.trainer import training_attention_impl, training_moe_impl
 
-            moe_impl = training_moe_impl(config.moe_impl, devices[0].platform)
-            train_config = config.replace(remat=True, moe_impl=moe_impl)
+            train_config = config.replace(remat=True, moe_impl=training_moe_impl(config.moe_impl, devices[0].platform),
+                                          attention_impl=training_attention_impl(config.attention_impl))
             _, _, abstract_train = _abstract_state(train_config, dtype, mesh)
             lowered = _lower_train(train_config, abstract_train, mesh, batch, context, lora_rank)
         else:

@@ -112,3 +112,49 @@ def test_triton_compile_finds_the_kernels_triton_ir():
         ("expert_gate_up", 2, "1x16"), ("expert_down", 2, "1x16")]  # 256 // 32 + 8 visits
     for name, _, _, _, text in found:
         assert text.startswith(f"module @{name}") and "tt.dot" in text and "loc(" not in text
+
+
+def test_triton_compile_finds_the_attention_kernel():
+    """The GPU attention kernel's Triton IR and its three-dimensional grid (batch, key/value head,
+    query block: 2 query heads per key/value head x 32 queries / 16 per block)."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench.triton_compile import triton_modules
+    from pallas_kernels.attention_gpu import GpuBlocks, gpu_attention
+
+    s = jax.ShapeDtypeStruct
+    q, cache, offsets = s((2, 32, 4, 64), jnp.bfloat16), s((2, 2, 64, 64), jnp.bfloat16), s((2,), jnp.int32)
+    run = jax.jit(lambda *a: gpu_attention(*a, kind="causal", window=16, blocks=GpuBlocks(16, 16, 4, interpret=False)))
+    found = triton_modules(run.trace(q, cache, cache, offsets).lower(lowering_platforms=("cuda",)))
+    assert [(name, warps, grid) for name, warps, _, grid, _ in found] == [("flash_attention_causal", 4, "2x2x4")]
+    assert "tt.dot" in found[0][4] and "scf.for" in found[0][4]  # the key loop, with run-time bounds
+
+
+def test_attention_bench_blocks_parse():
+    import pytest
+
+    from bench.attention import GPU_BLOCKS, parse_blocks
+    from pallas_kernels.attention_gpu import GpuBlocks
+
+    assert parse_blocks("q=32,num_warps=4") == GpuBlocks(q=32, num_warps=4)
+    assert len({parse_blocks(b) for b in GPU_BLOCKS}) == len(GPU_BLOCKS)
+    with pytest.raises(SystemExit, match="--blocks 'bq=32'"):
+        parse_blocks("bq=32")
+
+
+def test_attention_bench_runs_and_checks_the_kernel(capsys):
+    """bench/attention.py on a small config on CPU (the kernel interpreted): both back ends agree and
+    are timed for both passes of both layer types."""
+    import os
+
+    from bench.attention import ROOT, main
+
+    rc = main(["--config", os.path.join(ROOT, "configs", "model", "tiny.py"), "--canvases", "2", "--repeats", "1",
+               "--context", "24"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    timed = [line.split()[:5] for line in out.splitlines()[2:] if not line.startswith("fastest")]
+    assert len(timed) == 8 and {(r[1], r[3]) for r in timed} == {(p, i) for p in ("canvas", "causal")
+                                                                   for i in ("xla", "pallas_gpu")}
+    assert sum(line.startswith("fastest for ") for line in out.splitlines()) == 4

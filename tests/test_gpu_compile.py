@@ -3,7 +3,8 @@ PATH; skipped without them): the model's canvas step through each GPU MoE back e
 ``dgemma plan --topology h100`` does. What only the compiled program shows: ``pallas_gpu`` runs its
 expert FFN as two Triton kernels per layer with no host round trip, where ``bucketed`` picks its
 capacity bucket with a ``conditional`` in every layer (and before it, a binary search compiled to a
-``while`` loop)."""
+``while`` loop); ``attention_impl=pallas_gpu`` is one Triton kernel per layer in place of XLA's
+attention."""
 
 import importlib.util
 import shutil
@@ -46,3 +47,14 @@ def test_bucketed_chooses_its_bucket_through_the_host_in_every_layer(two_layers)
     ops = P.launches(P._lower_canvas(config, graphdef, state, mesh, 1, 1024, "bfloat16").compile().as_text())
     assert ops.get("conditional") == 2 and not any(t in ops for t in P.PALLAS_TARGETS)
     assert "while" not in ops  # the bucket is found by one compare-and-count, not a binary-search loop
+
+
+def test_the_gpu_attention_kernel_replaces_xlas_attention(two_layers):
+    """attention_impl=pallas_gpu: one Triton kernel per layer in place of XLA's concatenation, score
+    matrix, softmax and transposes."""
+    rows = {attention: plan(two_layers.replace(moe_impl="pallas_gpu", attention_impl=attention), {"expert": 1},
+                            topology="h100", batch=4, context=1024, programs=("canvas",),
+                            progress=lambda line: None)[0] for attention in ("xla", "pallas_gpu")}
+    xla, kernel = rows["xla"], rows["pallas_gpu"]
+    assert kernel.error is None and kernel.pallas_kernels == 3 * 2  # attention, gate/up, down per layer
+    assert kernel.launches <= xla.launches - 2 * 4  # at least 4 launches fewer per layer

@@ -87,3 +87,11 @@ def test_training_refuses_forward_only_back_ends(impl):
 
     with pytest.raises(TrainError, match=f"moe_impl='{impl}' has no gradient"):
         training_moe_impl(impl, "gpu")
+
+
+def test_training_refuses_the_gpu_attention_kernel():
+    from dgemma_jax.training.trainer import TrainError, training_attention_impl
+
+    assert [training_attention_impl(impl) for impl in ("xla", "pallas")] == ["xla", "pallas"]
+    with pytest.raises(TrainError, match="attention_impl='pallas_gpu' has no gradient"):
+        training_attention_impl("pallas_gpu")

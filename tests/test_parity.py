@@ -107,13 +107,15 @@ def test_moe_back_ends_match_dense_reference(tmp_path, impl):
     np.testing.assert_allclose(np.asarray(routed.canvas_logits(prompt, canvas)), want, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("backend", ["pallas", "pallas_gpu"])
 @pytest.mark.parametrize("name", ["top1_odd", "five_to_one"])
-def test_pallas_back_ends_match_transformers(tmp_path, name):
-    """moe_impl=pallas + attention_impl=pallas (interpret mode here): encoder and canvas logits equal
-    transformers' (and so the XLA path's), with prompts shorter and longer than the sliding window."""
+def test_pallas_back_ends_match_transformers(tmp_path, name, backend):
+    """moe_impl and attention_impl both ``pallas`` (the TPU kernels) or both ``pallas_gpu`` (the GPU
+    kernels), interpret mode here: encoder and canvas logits equal transformers' (and so the XLA
+    path's), with prompts shorter and longer than the sliding window."""
     ref = oracle.build(seed=3, **CONFIGS[name])
     path = oracle.save(ref, tmp_path / "ckpt")
-    ours = dgemma_jax.from_pretrained(path, dtype="float32", moe_impl="pallas", attention_impl="pallas")
+    ours = dgemma_jax.from_pretrained(path, dtype="float32", moe_impl=backend, attention_impl=backend)
     rng = np.random.default_rng(4)
     vocab, canvas_len = ref.config.text_config.vocab_size, ref.config.canvas_length
     for t in _prompt_lengths(ref):

@@ -72,6 +72,13 @@ def training_moe_impl(name: str, platform: str | None = None) -> str:
     return name
 
 
+def training_attention_impl(name: str) -> str:
+    """The attention back end to train with: the model's, unless it has no gradient (``pallas_gpu``)."""
+    if name == "pallas_gpu":
+        raise TrainError(f"model attention_impl={name!r} has no gradient; use 'xla' or 'pallas'")
+    return name
+
+
 def _f32(tree):
     return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
@@ -191,7 +198,8 @@ class Trainer:
                              "train from scratch) must be set")
         if not m.assets:
             raise TrainError("model.assets (tokenizer / generation config directory) must be set with model.config")
-        config = load_model_config(m.config).replace(**overrides)
+        config = load_model_config(m.config)
+        config = config.replace(attention_impl=training_attention_impl(config.attention_impl), **overrides)
         scratch = from_config(config, seed=self.cfg.run.seed, dtype=m.dtype, mesh=self.mesh)
         return Model(scratch.module, source_dir=Path(m.assets), mesh=self.mesh)
 
