@@ -2,16 +2,20 @@
 
 Run (from the repository root; needs the ``triton`` package: ``pip install -e ".[triton]"``):
 
-    PYTHONPATH=. python bench/triton_compile.py                       # every GpuTiling of bench/moe.py
-    PYTHONPATH=. python bench/triton_compile.py --canvases 1 --tilings default
+    PYTHONPATH=. python bench/triton_compile.py            # every GpuTiling and GpuBlocks of the sweeps
+    PYTHONPATH=. python bench/triton_compile.py --canvases 1 --tilings default --blocks default
+    PYTHONPATH=. python bench/triton_compile.py --kernels attention
 
-For each batch (``--canvases`` x 256 tokens, top-8 of the 26B layer's 128 experts), weight type
-(``--quantize``) and ``GpuTiling`` (``--tilings``, default bench/moe.py's sweep), the expert kernels
-are lowered for CUDA as jax does (Pallas -> Triton IR, in the XLA custom call), then that Triton IR
-goes through upstream Triton (``triton.compile`` for sm_90) and ptxas (``-v``). Printed per kernel:
-the grid, warps, pipeline stages, shared memory, registers per thread and spilled bytes. A kernel
-that fails to compile, needs more shared memory than a block may have (227 KiB) or spills
-registers is flagged, and the exit code is 1.
+``--kernels moe``: for each batch (``--canvases`` x 256 tokens, top-8 of the 26B layer's 128
+experts), weight type (``--quantize``) and ``GpuTiling`` (``--tilings``, default bench/moe.py's
+sweep), the two expert kernels. ``--kernels attention``: for each ``GpuBlocks`` (``--blocks``,
+default bench/attention.py's sweep), layer type (sliding, head dim 256; full, 512), batch and pass
+(canvas over ``--context`` cache slots, causal), the attention kernel. Each is lowered for CUDA as
+jax does (Pallas -> Triton IR, in the XLA custom call), then that Triton IR goes through upstream
+Triton (``triton.compile`` for sm_90) and ptxas (``-v``). Printed per kernel: the grid, warps,
+pipeline stages, shared memory, registers per thread and spilled bytes. A kernel that fails to
+compile, needs more shared memory than a block may have (227 KiB) or spills registers is flagged,
+and the exit code is 1.
 
 What it shows is whether a tiling can run and what it costs in on-chip resources, not its speed.
 XLA compiles the same Triton IR with the Triton it bundles, whose passes may differ in details from
@@ -157,6 +161,7 @@ def main(argv=None) -> int:
     import jax
 
     from dgemma_jax.configs_io import load_model_config
+    from pallas_kernels.common import lower_for_gpu
 
     config = load_model_config(args.config)
     print(f"config {os.path.relpath(args.config, ROOT)} | {config.num_experts} experts, top-{config.num_experts_per_tok}, "
@@ -168,7 +173,7 @@ def main(argv=None) -> int:
     problems = []
     for which in args.kernels.split(","):
         for case, run, shapes in sources[which](config, args):
-            for kernel, warps, stages, grid, text in triton_modules(run.trace(*shapes).lower(lowering_platforms=("cuda",))):
+            for kernel, warps, stages, grid, text in triton_modules(lower_for_gpu(run, *shapes)):
                 row = f"{case:<40} {kernel:<24} {grid:>8} {warps:>5} {stages:>6}"
                 try:
                     r = compile_for_gpu(text, warps, stages, args.arch)

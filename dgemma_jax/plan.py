@@ -17,6 +17,7 @@ AdamW, remat; each row holds ``context`` tokens: a prompt and as many whole canv
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import importlib.util
 import re
@@ -114,6 +115,12 @@ def topology_devices(name: str):
     except NotImplementedError as e:  # the plugin was set up as a runtime backend and failed (no GPU)
         raise ValueError(f"topology {name!r}: compiling for GPU without one needs JAX_PLATFORMS=cpu (set "
                          f"before JAX starts; `dgemma plan` sets it)") from e
+
+
+def _kernel_target(devices):
+    """Where jax >= 0.11 looks for the GPU a Pallas Triton kernel is lowered for, the default device,
+    put the compile-only GPU (this process's default device is the CPU); otherwise nothing."""
+    return jax.default_device(devices[0]) if devices[0].platform == "gpu" else contextlib.nullcontext()
 
 
 def _abstract_state(config: ModelConfig, dtype, mesh: Mesh, rules=RULES, quantize: str = "none"):
@@ -272,19 +279,21 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
     name = ",".join(f"{k}={v}" for k, v in mesh_shape.items())
     for program in programs:
         t0 = time.perf_counter()
-        if program == "canvas":
-            lowered = _lower_canvas(config, graphdef, state, mesh, batch, context, dtype)
-        elif program == "loop":
-            lowered = _lower_loop(config, graphdef, state, mesh, batch, context, dtype, steps, weight_layouts)
-        elif program == "train":
-            from dgemma_jax.training.trainer import training_attention_impl, training_moe_impl
+        with _kernel_target(devices):
+            if program == "canvas":
+                lowered = _lower_canvas(config, graphdef, state, mesh, batch, context, dtype)
+            elif program == "loop":
+                lowered = _lower_loop(config, graphdef, state, mesh, batch, context, dtype, steps, weight_layouts)
+            elif program == "train":
+                from dgemma_jax.training.trainer import training_attention_impl, training_moe_impl
 
-            train_config = config.replace(remat=True, moe_impl=training_moe_impl(config.moe_impl, devices[0].platform),
-                                          attention_impl=training_attention_impl(config.attention_impl))
-            _, _, abstract_train = _abstract_state(train_config, dtype, mesh)
-            lowered = _lower_train(train_config, abstract_train, mesh, batch, context, lora_rank)
-        else:
-            raise ValueError(f"program {program!r}: expected one of {PROGRAMS}")
+                train_config = config.replace(
+                    remat=True, moe_impl=training_moe_impl(config.moe_impl, devices[0].platform),
+                    attention_impl=training_attention_impl(config.attention_impl))
+                _, _, abstract_train = _abstract_state(train_config, dtype, mesh)
+                lowered = _lower_train(train_config, abstract_train, mesh, batch, context, lora_rank)
+            else:
+                raise ValueError(f"program {program!r}: expected one of {PROGRAMS}")
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED: does not fit a chip

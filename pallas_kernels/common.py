@@ -35,3 +35,12 @@ def pallas_call(kernel, *, platform: str, interpret: bool | None, **kwargs):
     compiled = pl.pallas_call(kernel, interpret=False, **kwargs)
     interpreted = pl.pallas_call(kernel, interpret=True, **kwargs)
     return lambda *args: jax.lax.platform_dependent(*args, default=interpreted, **{platform: compiled})
+
+
+def lower_for_gpu(jitted, *args, device_kind: str = "NVIDIA H100 80GB HBM3"):
+    """``jitted.trace(*args).lower`` for CUDA on a machine without a GPU, as jax does it (the Pallas
+    kernels in Triton custom calls). jax >= 0.11 reads the GPU a Triton kernel is built for from the
+    device, so it is named here as the abstract mesh's device, for the trace and the lowering."""
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=device)):
+        return jitted.trace(*args).lower(lowering_platforms=("cuda",))

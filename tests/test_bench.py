@@ -101,13 +101,14 @@ def test_triton_compile_finds_the_kernels_triton_ir():
     import jax.numpy as jnp
 
     from bench.triton_compile import triton_modules
+    from pallas_kernels.common import lower_for_gpu
     from pallas_kernels.expert_ffn import GpuTiling, expert_ffn
 
     s = jax.ShapeDtypeStruct
     shapes = [s((256, 64), jnp.bfloat16), s((8,), jnp.int32), s((8, 64, 32), jnp.int8), s((8, 64, 32), jnp.int8),
               s((8, 32, 64), jnp.int8), s((8, 32), jnp.float32), s((8, 32), jnp.float32), s((8, 64), jnp.float32)]
     run = jax.jit(lambda *a: expert_ffn(*a, tiling=GpuTiling(bm=32, num_warps=2, interpret=False)))
-    found = triton_modules(run.trace(*shapes).lower(lowering_platforms=("cuda",)))
+    found = triton_modules(lower_for_gpu(run, *shapes))
     assert [(name, warps, grid) for name, warps, _, grid, _ in found] == [
         ("expert_gate_up", 2, "1x16"), ("expert_down", 2, "1x16")]  # 256 // 32 + 8 visits
     for name, _, _, _, text in found:
@@ -121,12 +122,13 @@ def test_triton_compile_finds_the_attention_kernel():
     import jax.numpy as jnp
 
     from bench.triton_compile import triton_modules
+    from pallas_kernels.common import lower_for_gpu
     from pallas_kernels.attention_gpu import GpuBlocks, gpu_attention
 
     s = jax.ShapeDtypeStruct
     q, cache, offsets = s((2, 32, 4, 64), jnp.bfloat16), s((2, 2, 64, 64), jnp.bfloat16), s((2,), jnp.int32)
     run = jax.jit(lambda *a: gpu_attention(*a, kind="causal", window=16, blocks=GpuBlocks(16, 16, 4, interpret=False)))
-    found = triton_modules(run.trace(q, cache, cache, offsets).lower(lowering_platforms=("cuda",)))
+    found = triton_modules(lower_for_gpu(run, q, cache, cache, offsets))
     assert [(name, warps, grid) for name, warps, _, grid, _ in found] == [("flash_attention_causal", 4, "2x2x4")]
     assert "tt.dot" in found[0][4] and "scf.for" in found[0][4]  # the key loop, with run-time bounds
 

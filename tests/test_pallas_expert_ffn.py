@@ -11,6 +11,7 @@ import pytest
 from jax.experimental.pallas import triton as plgpu
 
 from dgemma_jax import quant
+from pallas_kernels.common import lower_for_gpu
 from pallas_kernels.expert_ffn import GpuTiling, expert_ffn
 
 
@@ -92,7 +93,7 @@ def test_lowers_to_triton_at_the_26b_shapes(weights, canvases):
     if weights == "int8":
         args += [s((e, width), jnp.float32), s((e, width), jnp.float32), s((e, hidden), jnp.float32)]
     run = jax.jit(lambda *a: expert_ffn(*a, tiling=GpuTiling(interpret=False)))
-    text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_gpu(run, *args).as_text()
     calls = [line for line in text.splitlines() if "xla.gpu.triton" in line]
     keys = ("grid_x", "grid_y", "num_warps", "num_stages")
     found = [tuple(int(re.search(f"{key} = (\\d+)", line).group(1)) for key in keys) for line in calls]
