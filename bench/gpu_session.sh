@@ -50,8 +50,10 @@ start)
 'transformers', transformers.__version__, 'torch', torch.__version__, jax.devices())" || exit 1
     python3 bench/moe.py --repeats 10 --tilings ${MOE_ARGS:-} 2>&1 | grep -v "^[EWI]0000" | tee "$OUT/moe.log"
     impl=$(sed -n 's/^fastest at 1024 tokens, none weights: \([a-z_]*\) .*/\1/p' "$OUT/moe.log")
-    python3 bench/attention.py --repeats 10 --canvases 1 4 --blocks default 2>&1 | grep -v "^[EWI]0000" |
-        tee "$OUT/attention.log"
+    # at most half of what is left, so gpu_step.py starts in this call (xla attention if this runs out)
+    left=$(((DEADLINE - SECONDS) / 2)); [ "$left" -ge 1 ] || left=1
+    timeout $left python3 bench/attention.py --repeats 10 --canvases 1 4 --blocks default \
+        2>&1 | grep -v "^[EWI]0000" | tee "$OUT/attention.log"
     attention=$(sed -n 's/^fastest for sliding canvas at batch 4: \([a-z_]*\) .*/\1/p' "$OUT/attention.log")
     echo "gpu_step.py --moe-impl ${impl:=auto} --attention-impl ${attention:=xla}"
     launch --moe-impl "$impl" --attention-impl "$attention"

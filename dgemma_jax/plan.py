@@ -118,8 +118,9 @@ def topology_devices(name: str):
 
 
 def _kernel_target(devices):
-    """Where jax >= 0.11 looks for the GPU a Pallas Triton kernel is lowered for, the default device,
-    put the compile-only GPU (this process's default device is the CPU); otherwise nothing."""
+    """A context that makes the compile-only GPU the default device while programs are lowered: jax
+    >= 0.11 reads the GPU a Pallas Triton kernel is built for from the default device, which is this
+    process's CPU. A no-op for other devices."""
     return jax.default_device(devices[0]) if devices[0].platform == "gpu" else contextlib.nullcontext()
 
 
