@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.experimental.layout import Format, Layout
 
@@ -42,7 +42,7 @@ def lower_loop(graphdef, state, cache: KVCache, rows: CanvasRows, *, filters: tu
     options = {}
     if weight_layouts == "xla":  # the other arguments keep their own sharding and layout (None)
         options["in_shardings"] = (jax.tree.map(lambda x: Format(Layout.AUTO, _sharding(x)), state), None, None, None)
-    return jax.jit(loop, donate_argnums=1, **options).lower(state, cache, rows, jnp.int32(0))
+    return jax.jit(loop, donate_argnums=1, **options).lower(state, cache, rows, np.int32(0))
 
 
 def loop_weight_formats(graphdef, state, cache: KVCache, rows: CanvasRows, *,

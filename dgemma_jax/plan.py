@@ -143,7 +143,6 @@ def _batch_sharded(shape, dtype, mesh: Mesh):
 
 
 def _replicated(x, mesh: Mesh):
-    x = jnp.asarray(x) if not hasattr(x, "shape") else x
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
 
 

@@ -58,3 +58,13 @@ def test_the_gpu_attention_kernel_replaces_xlas_attention(two_layers):
     xla, kernel = rows["xla"], rows["pallas_gpu"]
     assert kernel.error is None and kernel.pallas_kernels == 3 * 2  # attention, gate/up, down per layer
     assert kernel.launches <= xla.launches - 2 * 4  # at least 4 launches fewer per layer
+
+
+def test_plan_compiles_the_serving_programs_with_both_kernels():
+    """``plan``'s canvas and loop programs for an H100 with both GPU kernels, on a small config: nothing
+    in building them runs on the compile-only device (the default device while they are lowered)."""
+    config = load_model_config(CONFIG.parent / "tiny.py").replace(moe_impl="pallas_gpu", attention_impl="pallas_gpu")
+    rows = plan(config, {"expert": 1}, topology="h100", batch=2, context=64, programs=("canvas", "loop"),
+                progress=lambda line: None)
+    assert [(row.program, row.error) for row in rows] == [("canvas", None), ("loop", None)]
+    assert all(row.pallas_kernels > 0 for row in rows)
