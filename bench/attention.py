@@ -23,7 +23,6 @@ elsewhere) times the kernel under each ``GpuBlocks``, written ``q=32,num_warps=8
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,8 +95,8 @@ def main(argv=None) -> int:
 
                 run, inputs = attention("xla")
                 reference = np.asarray(run(*inputs), np.float32)
-                cases = [("xla", run)] + [(f"pallas_gpu {name}", attention("pallas_gpu", dataclasses.replace(
-                    setting, interpret=None))[0]) for name, setting in blocks.items()]
+                cases = [("xla", run)] + [(f"pallas_gpu {name}", attention("pallas_gpu", setting)[0])
+                                          for name, setting in blocks.items()]
                 label = f"{layer_type.split('_')[0]:>8}{kind:>8}{b:>6}"
                 timed = []
                 for name, run in cases:
