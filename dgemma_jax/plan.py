@@ -94,6 +94,11 @@ def is_gpu_topology(name: str | None) -> bool:
     return name is not None and name.lower().startswith("h100")
 
 
+def cuda_plugin() -> int | None:
+    """The CUDA major version of the jax CUDA plugin installed (13 or 12), None without one."""
+    return next((v for v in (13, 12) if importlib.util.find_spec(f"jax_cuda{v}_plugin")), None)
+
+
 def topology_devices(name: str):
     """Compile-only devices for a topology, no accelerator needed: ``"v5e:2x4"`` (TPU; needs libtpu)
     or ``"h100"`` / ``"h100:8"`` (that many H100s on one host; needs the jax-cuda13-plugin or
@@ -105,7 +110,7 @@ def topology_devices(name: str):
     count = name.partition(":")[2] or "1"
     if not count.isdigit() or int(count) < 1:
         raise ValueError(f"topology {name!r}: expected h100 or h100:<GPUs on the host>, e.g. h100:8")
-    cuda = next((v for v in (13, 12) if importlib.util.find_spec(f"jax_cuda{v}_plugin")), None)  # its CUDA major
+    cuda = cuda_plugin()
     if cuda is None:
         raise ValueError(f"topology {name!r} needs jax's CUDA plugin to compile for GPU: pip install "
                          f"'jax[cuda13-local]=={jax.__version__}' (no GPU or CUDA libraries needed; ptxas on PATH)")

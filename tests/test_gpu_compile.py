@@ -6,17 +6,16 @@ capacity bucket with a ``conditional`` in every layer (and before it, a binary s
 ``while`` loop); ``attention_impl=pallas_gpu`` is one Triton kernel per layer in place of XLA's
 attention."""
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 
 from dgemma_jax.configs_io import load_model_config
-from dgemma_jax.plan import plan
+from dgemma_jax.plan import cuda_plugin, plan
 
 pytestmark = pytest.mark.skipif(
-    not any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)) or shutil.which("ptxas") is None,
+    cuda_plugin() is None or shutil.which("ptxas") is None,
     reason="jax's CUDA plugin (pip install .[gpu-aot]) or ptxas not installed")
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "diffusiongemma_26b_a4b.py"
