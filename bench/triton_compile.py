@@ -86,7 +86,8 @@ def compile_for_gpu(text: str, warps: int, stages: int, arch: int) -> dict:
 
 
 def moe_cases(config, args):
-    """-> (label, jitted function, argument shapes) of the expert kernels per batch, weight type and tiling."""
+    """-> (label, jitted function, argument shapes) of the expert kernels per batch, weight type and tiling,
+    called as the MoE layer calls them: the rows gathered from the tokens by their row index."""
     import jax
     import jax.numpy as jnp
 
@@ -96,16 +97,18 @@ def moe_cases(config, args):
     e, hidden, width = config.num_experts, config.hidden_size, config.moe_intermediate_size
     s = jax.ShapeDtypeStruct
     for canvases in args.canvases:
-        m = canvases * config.canvas_length * config.num_experts_per_tok
+        n = canvases * config.canvas_length
+        m = n * config.num_experts_per_tok
         for mode in args.quantize.split(","):
             dtype = jnp.int8 if mode == "int8" else jnp.bfloat16
-            shapes = [s((m, hidden), jnp.bfloat16), s((e,), jnp.int32), s((e, hidden, width), dtype),
+            shapes = [s((n, hidden), jnp.bfloat16), s((m,), jnp.int32), s((e,), jnp.int32), s((e, hidden, width), dtype),
                       s((e, hidden, width), dtype), s((e, width, hidden), dtype)]
             if mode == "int8":
                 shapes += [s((e, width), jnp.float32), s((e, width), jnp.float32), s((e, hidden), jnp.float32)]
             for name in args.tilings:
                 tiling = dataclasses.replace(parse_tiling(name), interpret=False)
-                yield f"{m} rows {mode} {name}", jax.jit(lambda *a, t=tiling: expert_ffn(*a, tiling=t)), shapes
+                run = jax.jit(lambda x, index, *a, t=tiling: expert_ffn(x, *a, row_index=index, tiling=t))
+                yield f"{m} rows {mode} {name}", run, shapes
 
 
 def attention_cases(config, args):

@@ -215,7 +215,7 @@ def _pallas_gpu(x, weights, key, w: ExpertWeights):
     from pallas_kernels.expert_ffn import expert_ffn
 
     order, token, _, sizes = _sort_by_expert(key, w.gate.shape[0])
-    y = expert_ffn(x[token], sizes, *w)  # [N*K, H]; other shards' rows are zero
+    y = expert_ffn(x, sizes, *w, row_index=token)  # [N*K, H]; other shards' rows are zero
     return _combine(y, weights, order, token, x.shape[0])
 
 

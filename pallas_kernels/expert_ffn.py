@@ -1,7 +1,10 @@
 """A MoE layer's whole expert FFN as two Pallas kernels for GPU (Triton); ``interpret=True`` elsewhere.
 
-``rows`` [M, H] are sorted by expert: expert ``g`` owns the rows ``[start_g, start_g + size_g)``,
-``start = cumsum(sizes) - sizes``. For each expert, over its rows only,
+The rows [M, H] are sorted by expert: expert ``g`` owns the rows ``[start_g, start_g + size_g)``,
+``start = cumsum(sizes) - sizes``. They are either the input itself or gathered from it by a row
+index (``row_index``: the MoE layer's token of each (token, expert) assignment), which the gate/up
+kernel reads row by row, so the sorted copy of the tokens is never written. For each expert, over
+its rows only,
 
     gelu_tanh(rows @ gate[g]) * (rows @ up[g]) @ down[g]
 
@@ -121,22 +124,29 @@ def _gelu_product(gate: jax.Array, up: jax.Array) -> jax.Array:
     return jax.nn.gelu(gate, approximate=True) * up
 
 
-def _expert_kernel(expert_ref, first_ref, end_ref, num_ref, x_ref, *refs, num_weights: int, epilogue, bm: int,
-                   bn: int, bk: int, k_steps: int, visits_inner: bool):
+def _expert_kernel(expert_ref, first_ref, end_ref, num_ref, *refs, gathered: bool, num_weights: int, epilogue,
+                   bm: int, bn: int, bk: int, k_steps: int, visits_inner: bool):
     """One (visit, column block): out[rows, cols] = epilogue(x[rows] @ w[e][:, cols] (x scale) for
-    each of the ``num_weights`` weights), rows the visit's, e its expert. refs: the weights, their
-    scales (int8 only), the output."""
-    weight_refs, scale_refs, out_ref = refs[:num_weights], refs[num_weights:-1], refs[-1]
+    each of the ``num_weights`` weights), rows the visit's, e its expert. refs: the row index (when
+    ``gathered``: the visit's rows are x[index[rows]]), x, the weights, their scales (int8 only), the
+    output."""
+    index_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
+    x_ref, weight_refs, scale_refs, out_ref = refs[0], refs[1:num_weights + 1], refs[num_weights + 1:-1], refs[-1]
     v, j = _visit_and_block(visits_inner)
 
     @pl.when(v < num_ref[0])
     def _():
         e, first, end = expert_ref[v], first_ref[v], end_ref[v]
         cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+        if index_ref is None:
+            rows = pl.ds(first, bm)
+        else:  # [bm] rows of x; the window's rows past ``end`` (maybe past the index) read row 0
+            mine = first + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0) < end
+            rows = plgpu.load(index_ref.at[pl.ds(first, bm)], mask=mine, other=0)
 
         def step(i, acc):
             ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
-            x = x_ref[pl.ds(first, bm), ks]  # [bm, bk]; rows past ``end`` are computed, not stored
+            x = x_ref[rows, ks]  # [bm, bk]; rows past ``end`` are computed, not stored
             return tuple(a + _dot(x, w[e, ks, cols]) for a, w in zip(acc, weight_refs))
 
         acc = jax.lax.fori_loop(0, k_steps, step, (jnp.zeros((bm, bn), jnp.float32),) * num_weights)  # [bm, bn]
@@ -146,39 +156,49 @@ def _expert_kernel(expert_ref, first_ref, end_ref, num_ref, x_ref, *refs, num_we
         plgpu.store(out_ref.at[pl.ds(first, bm), cols], epilogue(*acc).astype(out_ref.dtype), mask=mine)
 
 
-def _grouped_product(visits, x: jax.Array, weights: tuple, scales: tuple, epilogue, *, bm: int, bn: int, bk: int,
-                     tiling: GpuTiling, name: str) -> jax.Array:
-    """x [M + bm, K] -> epilogue(x @ w[e] times scale[e], for w in weights) [M + bm, N] on each visit's
-    rows (e: its expert); rows no visit holds are left unwritten. weights [E, K, N] each."""
+def _grouped_product(visits, x: jax.Array, weights: tuple, scales: tuple, epilogue, *, index: jax.Array | None,
+                     bm: int, bn: int, bk: int, tiling: GpuTiling, name: str) -> jax.Array:
+    """Rows [M + bm, K] -> epilogue(rows @ w[e] times scale[e], for w in weights) [M + bm, N] on each
+    visit's rows (e: its expert); rows no visit holds are left unwritten. The rows are x [M + bm, K]
+    itself, or x[index] for an index [M]. weights [E, K, N] each."""
     k, n = weights[0].shape[1:]
-    kernel = functools.partial(_expert_kernel, num_weights=len(weights), epilogue=epilogue, bm=bm, bn=bn, bk=bk,
-                               k_steps=k // bk, visits_inner=tiling.visits_inner)
+    kernel = functools.partial(_expert_kernel, gathered=index is not None, num_weights=len(weights),
+                               epilogue=epilogue, bm=bm, bn=bn, bk=bk, k_steps=k // bk,
+                               visits_inner=tiling.visits_inner)
     stage_bytes = bk * (bm * x.dtype.itemsize + len(weights) * bn * weights[0].dtype.itemsize)  # one loop step's tiles
     num_visits = visits[0].shape[0]
+    rows = x.shape[0] if index is None else index.shape[0] + bm
     return pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((x.shape[0], n), x.dtype),
+        out_shape=jax.ShapeDtypeStruct((rows, n), x.dtype),
         grid=(num_visits, n // bn) if tiling.visits_inner else (n // bn, num_visits),
         compiler_params=tiling.compiler_params(len(weights) * bm * bn, stage_bytes),
         platform="cuda",
         interpret=tiling.interpret,
         name=name,
-    )(*visits, x, *weights, *scales)
+    )(*visits, *(() if index is None else (index,)), x, *weights, *scales)
 
 
-def expert_ffn(rows: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
+def expert_ffn(x: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
                gate_scale: jax.Array | None = None, up_scale: jax.Array | None = None,
-               down_scale: jax.Array | None = None, *, tiling: GpuTiling = GpuTiling()) -> jax.Array:
-    """rows [M, H] sorted by expert, group_sizes [E] int (may be zero; may sum to less than M),
-    gate, up [E, H, I], down [E, I, H] (float, or int8 with the float32 scales gate_scale,
-    up_scale [E, I], down_scale [E, H]) -> [M, H] in rows.dtype, float32 accumulation."""
-    m, hidden = rows.shape
+               down_scale: jax.Array | None = None, *, row_index: jax.Array | None = None,
+               tiling: GpuTiling = GpuTiling()) -> jax.Array:
+    """The expert FFN of rows sorted by expert -> [M, H] in x.dtype, float32 accumulation.
+
+    x [N, H]: the rows themselves (M = N), or, with ``row_index`` [M] int in [0, N), the rows
+    ``x[row_index]``, read in place by the gate/up kernel. group_sizes [E] int (may be zero; may sum
+    to less than M: the rows past the last group come out zero). gate, up [E, H, I], down [E, I, H]:
+    float, or int8 with the float32 scales gate_scale, up_scale [E, I], down_scale [E, H]."""
+    n, hidden = x.shape
+    m = n if row_index is None else row_index.shape[0]
     e, _, width = gate.shape
     if gate.shape != (e, hidden, width) or up.shape != gate.shape or down.shape != (e, width, hidden):
-        raise ValueError(f"expert_ffn: rows {rows.shape} with gate {gate.shape}, up {up.shape}, down {down.shape}: "
-                         "expected gate, up [E, H, I] and down [E, I, H] with H = rows.shape[1]")
+        raise ValueError(f"expert_ffn: x {x.shape} with gate {gate.shape}, up {up.shape}, down {down.shape}: "
+                         "expected gate, up [E, H, I] and down [E, I, H] with H = x.shape[1]")
     if group_sizes.shape != (e,):
         raise ValueError(f"expert_ffn: group_sizes {group_sizes.shape} for {e} experts")
+    if row_index is not None and (row_index.ndim != 1 or not jnp.issubdtype(row_index.dtype, jnp.integer)):
+        raise ValueError(f"expert_ffn: row_index {row_index.shape} {row_index.dtype}: expected one int index per row")
     scaled = gate_scale is not None
     if scaled != (up_scale is not None) or scaled != (down_scale is not None):
         raise ValueError("expert_ffn: give all three scales (int8 weights) or none (float weights)")
@@ -189,13 +209,15 @@ def expert_ffn(rows: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax
     bn_down, _ = _block(tiling.bn_down, hp)  # ... and writes H columns
     sizes = group_sizes.astype(jnp.int32)
     visits = _visits(sizes, m, bm)
-    xs = pad_to(rows, {0: m + bm, 1: hp})  # every visit's [bm] row window stays inside
+    index = None if row_index is None else row_index.astype(jnp.int32)  # [M]
+    xs = pad_to(x, {0: m + bm, 1: hp} if index is None else {1: hp})  # every visit's [bm] row window stays inside
     gate, up = pad_to(gate, {1: hp, 2: ip}), pad_to(up, {1: hp, 2: ip})
     down = pad_to(down, {1: ip, 2: hp})
     f32 = lambda scale, size: pad_to(scale.astype(jnp.float32), {1: size})  # noqa: E731
     h = _grouped_product(visits, xs, (gate, up), (f32(gate_scale, ip), f32(up_scale, ip)) if scaled else (),
-                         _gelu_product, bm=bm, bn=bn, bk=bk, tiling=tiling, name="expert_gate_up")  # [M + bm, I]
-    y = _grouped_product(visits, h, (down,), (f32(down_scale, hp),) if scaled else (), lambda y: y,
+                         _gelu_product, index=index, bm=bm, bn=bn, bk=bk, tiling=tiling,
+                         name="expert_gate_up")  # [M + bm, I]
+    y = _grouped_product(visits, h, (down,), (f32(down_scale, hp),) if scaled else (), lambda y: y, index=None,
                          bm=bm, bn=bn_down, bk=bk_down, tiling=tiling, name="expert_down")  # [M + bm, H]
     grouped = jnp.arange(m)[:, None] < jnp.sum(sizes)  # rows no group owns were never written
     return jnp.where(grouped, y[:m, :hidden], 0)

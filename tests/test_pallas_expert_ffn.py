@@ -1,6 +1,6 @@
 """pallas_kernels.expert_ffn (the GPU expert-FFN kernels, interpret mode here) against a plain XLA
-reference: ragged and empty groups, rows no group owns, several tilings, int8 weights with scales;
-and the kernels lowered to Triton for a GPU at the 26B layer's shapes, which needs no GPU."""
+reference: ragged and empty groups, rows no group owns, several tilings, int8 weights with scales,
+rows given in place or gathered by a row index; and the kernels lowered to Triton for a GPU at the 26B layer's shapes, which needs no GPU."""
 
 import re
 
@@ -42,26 +42,40 @@ CASES = [  # (M, H, I, group sizes, tiling)
 ]
 
 
+def _rows(rng, m, hidden, gathered):
+    """-> (x, row_index, the rows x[row_index]): m rows, gathered from fewer distinct ones (as the
+    MoE layer's top-k repeats each token) or given as they are (row_index None)."""
+    if not gathered:
+        rows = jnp.asarray(rng.standard_normal((m, hidden)), jnp.float32)
+        return rows, None, rows
+    x = jnp.asarray(rng.standard_normal((max(1, m // 3), hidden)), jnp.float32)
+    index = jnp.asarray(rng.integers(0, x.shape[0], m), jnp.int32)
+    return x, index, x[index]
+
+
+@pytest.mark.parametrize("gathered", [False, True], ids=["in-place", "gathered"])
 @pytest.mark.parametrize("m,hidden,width,sizes,tiling", CASES)
-def test_float_weights_match_xla(m, hidden, width, sizes, tiling):
+def test_float_weights_match_xla(m, hidden, width, sizes, tiling, gathered):
     rng = np.random.default_rng(m + hidden)
-    rows = jnp.asarray(rng.standard_normal((m, hidden)), jnp.float32)
+    x, index, rows = _rows(rng, m, hidden, gathered)
     gate, up, down = _weights(rng, len(sizes), hidden, width)
     sizes = jnp.asarray(sizes, jnp.int32)
-    out = expert_ffn(rows, sizes, gate, up, down, tiling=tiling)
+    out = expert_ffn(x, sizes, gate, up, down, row_index=index, tiling=tiling)
     want = _reference(rows, sizes, gate, up, down)
     # float32 throughout: only the summation order differs from the reference
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max() + 1))
     assert out.shape == (m, hidden) and out.dtype == jnp.float32
 
 
-def test_int8_weights_match_the_dequantized_float_ones():
+@pytest.mark.parametrize("gathered", [False, True], ids=["in-place", "gathered"])
+def test_int8_weights_match_the_dequantized_float_ones(gathered):
     rng = np.random.default_rng(1)
-    rows = jnp.asarray(rng.standard_normal((90, 48)), jnp.float32)
+    x, index, rows = _rows(rng, 90, 48, gathered)
     weights = _weights(rng, 3, 48, 40)
     (gate, gs), (up, us), (down, ds) = (quant.quantize_int8(w, 1) for w in weights)
     sizes = jnp.asarray([41, 0, 45], jnp.int32)
-    out = jax.jit(lambda r: expert_ffn(r, sizes, gate, up, down, gs, us, ds, tiling=GpuTiling(bm=16)))(rows)
+    run = jax.jit(lambda x, i: expert_ffn(x, sizes, gate, up, down, gs, us, ds, row_index=i, tiling=GpuTiling(bm=16)))
+    out = run(x, index)
     want = _reference(rows, sizes, *(quant.dequantize(q, s, 1) for q, s in ((gate, gs), (up, us), (down, ds))))
     # the scale multiplies the float32 accumulator instead of the weights: rounding-order differences
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max() + 1))
@@ -76,6 +90,10 @@ def test_bad_inputs_name_what_is_wrong():
         expert_ffn(rows, jnp.asarray([8, 0, 0]), gate, up, gate)
     with pytest.raises(ValueError, match="all three scales"):
         expert_ffn(rows, sizes, gate, up, gate, jnp.ones((2, 16)))
+    with pytest.raises(ValueError, match=r"row_index \(8, 1\) int32"):
+        expert_ffn(rows, sizes, gate, up, gate, row_index=jnp.zeros((8, 1), jnp.int32))
+    with pytest.raises(ValueError, match=r"row_index \(8,\) float32"):
+        expert_ffn(rows, sizes, gate, up, gate, row_index=jnp.zeros((8,)))
 
 
 @pytest.mark.parametrize("weights", ["bfloat16", "int8"])
@@ -85,14 +103,16 @@ def test_lowers_to_triton_at_the_26b_shapes(weights, canvases):
     with the grid the docstring promises, (column blocks, visits), and launch settings that fit:
     one canvas (2,048 rows, top-8) gives 16-row visits, 2,048 // 16 + 128 of them; sixteen give
     128-row visits, 8 warps for gate/up's two 128 x 64 accumulators and down's 128 x 128, and gate/up's
-    3 pipeline stages of 64 KiB (bf16) within the shared memory."""
+    3 pipeline stages of 64 KiB (bf16) within the shared memory. The rows are gathered from the
+    tokens by a row index, as the MoE layer calls it."""
     s = jax.ShapeDtypeStruct
-    e, hidden, width, m = 128, 2816, 704, canvases * 256 * 8
-    args = [s((m, hidden), jnp.bfloat16), s((e,), jnp.int32), s((e, hidden, width), weights),
+    e, hidden, width, n = 128, 2816, 704, canvases * 256
+    m = n * 8
+    args = [s((n, hidden), jnp.bfloat16), s((m,), jnp.int32), s((e,), jnp.int32), s((e, hidden, width), weights),
             s((e, hidden, width), weights), s((e, width, hidden), weights)]
     if weights == "int8":
         args += [s((e, width), jnp.float32), s((e, width), jnp.float32), s((e, hidden), jnp.float32)]
-    run = jax.jit(lambda *a: expert_ffn(*a, tiling=GpuTiling(interpret=False)))
+    run = jax.jit(lambda x, index, *a: expert_ffn(x, *a, row_index=index, tiling=GpuTiling(interpret=False)))
     text = lower_for_gpu(run, *args).as_text()
     calls = [line for line in text.splitlines() if "xla.gpu.triton" in line]
     keys = ("grid_x", "grid_y", "num_warps", "num_stages")
