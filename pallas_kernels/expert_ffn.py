@@ -17,9 +17,10 @@ are read once per row tile its rows fill, with no capacity padding and no run-ti
 program, and the gate and up products share one pass over the rows with the GELU product fused
 into their epilogue.
 
-The kernels walk a list of *visits*: (expert, first row, end row) tiles of at most ``bm`` rows of
-one expert each, in row order. The list has a static length (``M // bm + E``, the most there can
-be); visits past the real count return at once. Grid: (output column block, visit), column blocks
+The kernels walk *visits*: (expert, first row, end row) tiles of at most ``bm`` rows of one expert
+each, in row order. Their number has a static bound (``M // bm + E``); visits past the real count
+return at once. Each program works out its own visit from the group sizes (a cumulative sum over
+the experts), so the layer launches no kernels to build a visit list. Grid: (output column block, visit), column blocks
 fastest: side-by-side programs read whole rows of one expert's weight matrix and share their row
 tile through L2, and the visits of one expert run close together (``GpuTiling.visits_inner``
 swaps the order).
@@ -90,22 +91,18 @@ def _block(requested: int, dim: int) -> tuple[int, int]:
     return block, round_up(dim, block)
 
 
-def _visits(sizes: jax.Array, rows: int, bm: int):
-    """sizes [E] -> visit expert, first row, end row [V] int32 and the real count [1], V = rows // bm + E.
-    Visits past the count repeat valid indices (they are skipped)."""
-    e = sizes.shape[0]
-    v = rows // bm + e  # sum over groups of ceil(size / bm) <= rows // bm + E
-    starts = jnp.cumsum(sizes) - sizes
-    tiles = -(-sizes // bm)  # [E] visits per expert
-    last = jnp.cumsum(tiles)  # [E] one past each expert's last visit
-    index = jnp.arange(v, dtype=jnp.int32)
-    # a visit's expert: how many experts end at or before it (compare-and-count; a repeat would
-    # scatter into a zeroed buffer, which the denoising loop copies back in on every pass)
-    expert = jnp.minimum(jnp.sum(last[None, :] <= index[:, None], axis=1, dtype=jnp.int32), e - 1)
-    rank = index - (last - tiles)[expert]
-    first = starts[expert] + jnp.clip(rank, 0, None) * bm
-    end = jnp.minimum(first + bm, starts[expert] + sizes[expert])
-    return expert, jnp.clip(first, 0, rows), end, jnp.sum(tiles).reshape(1).astype(jnp.int32)
+def _visit(sizes: jax.Array, v: jax.Array, bm: int):
+    """sizes [E'] int32 (zero-padded to a power of two, Triton's block shapes), v: a visit -> its expert,
+    first row, end row, and the number of real visits. Every program derives its own visit from the
+    group sizes, so no kernel before the two builds a visit list."""
+    tiles = jax.lax.div(sizes + (bm - 1), bm)  # [E'] visits per expert
+    last = jax.lax.cumsum(tiles, axis=0)  # [E'] one past each expert's last visit
+    ends = jax.lax.cumsum(sizes, axis=0)  # [E'] one past each expert's last row
+    expert = jnp.sum((last <= v).astype(jnp.int32))  # experts that end at or before v; E' for v past the count
+    mine = jax.lax.broadcasted_iota(jnp.int32, sizes.shape, 0) == expert
+    pick = lambda a: jnp.sum(jnp.where(mine, a, 0))  # noqa: E731  a[expert]
+    first = pick(ends - sizes) + (v - pick(last - tiles)) * bm
+    return expert, first, jnp.minimum(first + bm, pick(ends)), jnp.sum(tiles)
 
 
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -124,8 +121,8 @@ def _gelu_product(gate: jax.Array, up: jax.Array) -> jax.Array:
     return jax.nn.gelu(gate, approximate=True) * up
 
 
-def _expert_kernel(expert_ref, first_ref, end_ref, num_ref, *refs, gathered: bool, num_weights: int, epilogue,
-                   bm: int, bn: int, bk: int, k_steps: int, visits_inner: bool):
+def _expert_kernel(sizes_ref, *refs, gathered: bool, num_weights: int, epilogue, bm: int, bn: int, bk: int,
+                   k_steps: int, visits_inner: bool):
     """One (visit, column block): out[rows, cols] = epilogue(x[rows] @ w[e][:, cols] (x scale) for
     each of the ``num_weights`` weights), rows the visit's, e its expert. refs: the row index (when
     ``gathered``: the visit's rows are x[index[rows]]), x, the weights, their scales (int8 only), the
@@ -133,10 +130,10 @@ def _expert_kernel(expert_ref, first_ref, end_ref, num_ref, *refs, gathered: boo
     index_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
     x_ref, weight_refs, scale_refs, out_ref = refs[0], refs[1:num_weights + 1], refs[num_weights + 1:-1], refs[-1]
     v, j = _visit_and_block(visits_inner)
+    e, first, end, num = _visit(sizes_ref[...], v, bm)
 
-    @pl.when(v < num_ref[0])
+    @pl.when(v < num)
     def _():
-        e, first, end = expert_ref[v], first_ref[v], end_ref[v]
         cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
         if index_ref is None:
             rows = pl.ds(first, bm)
@@ -156,17 +153,17 @@ def _expert_kernel(expert_ref, first_ref, end_ref, num_ref, *refs, gathered: boo
         plgpu.store(out_ref.at[pl.ds(first, bm), cols], epilogue(*acc).astype(out_ref.dtype), mask=mine)
 
 
-def _grouped_product(visits, x: jax.Array, weights: tuple, scales: tuple, epilogue, *, index: jax.Array | None,
+def _grouped_product(sizes: jax.Array, num_visits: int, x: jax.Array, weights: tuple, scales: tuple, epilogue, *, index: jax.Array | None,
                      bm: int, bn: int, bk: int, tiling: GpuTiling, name: str) -> jax.Array:
     """Rows [M + bm, K] -> epilogue(rows @ w[e] times scale[e], for w in weights) [M + bm, N] on each
     visit's rows (e: its expert); rows no visit holds are left unwritten. The rows are x [M + bm, K]
-    itself, or x[index] for an index [M]. weights [E, K, N] each."""
+    itself, or x[index] for an index [M]. sizes [E'] the group sizes, zero-padded to a power of two;
+    weights [E, K, N] each."""
     k, n = weights[0].shape[1:]
     kernel = functools.partial(_expert_kernel, gathered=index is not None, num_weights=len(weights),
                                epilogue=epilogue, bm=bm, bn=bn, bk=bk, k_steps=k // bk,
                                visits_inner=tiling.visits_inner)
     stage_bytes = bk * (bm * x.dtype.itemsize + len(weights) * bn * weights[0].dtype.itemsize)  # one loop step's tiles
-    num_visits = visits[0].shape[0]
     rows = x.shape[0] if index is None else index.shape[0] + bm
     return pallas_call(
         kernel,
@@ -176,7 +173,7 @@ def _grouped_product(visits, x: jax.Array, weights: tuple, scales: tuple, epilog
         platform="cuda",
         interpret=tiling.interpret,
         name=name,
-    )(*visits, *(() if index is None else (index,)), x, *weights, *scales)
+    )(sizes, *(() if index is None else (index,)), x, *weights, *scales)
 
 
 def expert_ffn(x: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
@@ -207,17 +204,17 @@ def expert_ffn(x: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Ar
     bn, ip = _block(tiling.bn, width)  # ... and write I columns
     bk_down, _ = _block(tiling.bk_down, ip)  # down contracts over (padded) I
     bn_down, _ = _block(tiling.bn_down, hp)  # ... and writes H columns
-    sizes = group_sizes.astype(jnp.int32)
-    visits = _visits(sizes, m, bm)
+    sizes = pad_to(group_sizes.astype(jnp.int32), {0: pl.next_power_of_2(e)})
+    num_visits = m // bm + e  # sum over groups of ceil(size / bm) <= M // bm + E; the rest return at once
     index = None if row_index is None else row_index.astype(jnp.int32)  # [M]
     xs = pad_to(x, {0: m + bm, 1: hp} if index is None else {1: hp})  # every visit's [bm] row window stays inside
     gate, up = pad_to(gate, {1: hp, 2: ip}), pad_to(up, {1: hp, 2: ip})
     down = pad_to(down, {1: ip, 2: hp})
     f32 = lambda scale, size: pad_to(scale.astype(jnp.float32), {1: size})  # noqa: E731
-    h = _grouped_product(visits, xs, (gate, up), (f32(gate_scale, ip), f32(up_scale, ip)) if scaled else (),
+    h = _grouped_product(sizes, num_visits, xs, (gate, up), (f32(gate_scale, ip), f32(up_scale, ip)) if scaled else (),
                          _gelu_product, index=index, bm=bm, bn=bn, bk=bk, tiling=tiling,
                          name="expert_gate_up")  # [M + bm, I]
-    y = _grouped_product(visits, h, (down,), (f32(down_scale, hp),) if scaled else (), lambda y: y, index=None,
+    y = _grouped_product(sizes, num_visits, h, (down,), (f32(down_scale, hp),) if scaled else (), lambda y: y, index=None,
                          bm=bm, bn=bn_down, bk=bk_down, tiling=tiling, name="expert_down")  # [M + bm, H]
     grouped = jnp.arange(m)[:, None] < jnp.sum(sizes)  # rows no group owns were never written
     return jnp.where(grouped, y[:m, :hidden], 0)
