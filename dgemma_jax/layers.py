@@ -35,10 +35,20 @@ def host_init(var: nnx.Variable, rng: np.random.Generator) -> np.ndarray:
     return (var.get_metadata("init_std", 0.02) * rng.standard_normal(shape, np.float32)).astype(dtype)
 
 
-def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:
-    """x * (mean(x^2) + eps)^-1/2 [* scale], computed in float32, returned in x's dtype."""
+def inverse_rms(xs: list[jax.Array], eps: float) -> list[jax.Array]:
+    """(mean(x^2) + eps)^-1/2 over the last dim, float32, of each x in xs [..., heads_i, D] (the same
+    leading dims and D) -> [..., heads_i, 1] each, as one reduction over their heads side by side: on
+    GPU each reduction is a kernel launch of its own."""
+    joint = jnp.concatenate(xs, axis=-2).astype(jnp.float32) if len(xs) > 1 else xs[0].astype(jnp.float32)
+    inverse = jax.lax.rsqrt(jnp.mean(joint * joint, axis=-1, keepdims=True) + eps)
+    return jnp.split(inverse, np.cumsum([x.shape[-2] for x in xs])[:-1].tolist(), axis=-2)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float, inverse: jax.Array | None = None) -> jax.Array:
+    """x * (mean(x^2) + eps)^-1/2 [* scale], computed in float32, returned in x's dtype. ``inverse``:
+    that factor when already computed (``inverse_rms``)."""
     xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    y = xf * (jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps) if inverse is None else inverse)
     if scale is not None:
         y = y * scale.astype(jnp.float32)
     return y.astype(x.dtype)
@@ -49,8 +59,8 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.scale = param(rngs, (dim,), (None,), dtype, init="ones") if with_scale else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, None if self.scale is None else self.scale[...], self.eps)
+    def __call__(self, x: jax.Array, inverse: jax.Array | None = None) -> jax.Array:
+        return rms_norm(x, None if self.scale is None else self.scale[...], self.eps, inverse)
 
 
 def rope_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from flax import nnx
 from dgemma_jax.attention import attend_canvas, attend_causal, heads_first
 from dgemma_jax.cache import KVCache, write_rows
 from dgemma_jax.config import SLIDING, ModelConfig
-from dgemma_jax.layers import Buffer, GatedMLP, RMSNorm, apply_rope, param, rms_norm, rope_frequencies
+from dgemma_jax.layers import Buffer, GatedMLP, RMSNorm, apply_rope, inverse_rms, param, rms_norm, rope_frequencies
 from dgemma_jax.moe import MoE
 from dgemma_jax.sharding import constrain
 
@@ -47,9 +47,13 @@ class Attention(nnx.Module):
         k_raw = jnp.einsum("bth,hkd->btkd", x, self.k_proj[...])
         v_raw = k_raw if self.v_proj is None else jnp.einsum("bth,hkd->btkd", x, self.v_proj[...])
         inv_freq = rope_frequencies(self.rope, self.head_dim)
-        q = apply_rope(self.q_norm(q), positions, inv_freq)
-        k = apply_rope(self.k_norm(k_raw), positions, inv_freq)
-        return q, heads_first(k), heads_first(rms_norm(v_raw, None, self.config.rms_norm_eps))
+        # every head's RMS in one reduction (full layers: V is K's raw projection, the same RMS)
+        q_rms, k_rms, *v_rms = inverse_rms([q, k_raw] + ([] if self.v_proj is None else [v_raw]),
+                                           self.config.rms_norm_eps)
+        q = apply_rope(self.q_norm(q, q_rms), positions, inv_freq)
+        k = apply_rope(self.k_norm(k_raw, k_rms), positions, inv_freq)
+        v = rms_norm(v_raw, None, self.config.rms_norm_eps, v_rms[0] if v_rms else k_rms)
+        return q, heads_first(k), heads_first(v)
 
     def out(self, o: jax.Array) -> jax.Array:
         return jnp.einsum("btnd,ndh->bth", o, self.o_proj[...])
