@@ -101,8 +101,8 @@ def moe_cases(config, args):
         m = n * config.num_experts_per_tok
         for mode in args.quantize.split(","):
             dtype = jnp.int8 if mode == "int8" else jnp.bfloat16
-            shapes = [s((n, hidden), jnp.bfloat16), s((m,), jnp.int32), s((e,), jnp.int32), s((e, hidden, width), dtype),
-                      s((e, hidden, width), dtype), s((e, width, hidden), dtype)]
+            shapes = [s((n, hidden), jnp.bfloat16), s((m,), jnp.int32), s((e,), jnp.int32),
+                      s((e, hidden, width), dtype), s((e, hidden, width), dtype), s((e, width, hidden), dtype)]
             if mode == "int8":
                 shapes += [s((e, width), jnp.float32), s((e, width), jnp.float32), s((e, hidden), jnp.float32)]
             for name in args.tilings:

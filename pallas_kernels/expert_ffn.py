@@ -20,10 +20,10 @@ into their epilogue.
 The kernels walk *visits*: (expert, first row, end row) tiles of at most ``bm`` rows of one expert
 each, in row order. Their number has a static bound (``M // bm + E``); visits past the real count
 return at once. Each program works out its own visit from the group sizes (a cumulative sum over
-the experts), so the layer launches no kernels to build a visit list. Grid: (output column block, visit), column blocks
-fastest: side-by-side programs read whole rows of one expert's weight matrix and share their row
-tile through L2, and the visits of one expert run close together (``GpuTiling.visits_inner``
-swaps the order).
+the experts), so the layer launches no kernels to build a visit list. Grid: (output column block,
+visit), column blocks fastest: side-by-side programs read whole rows of one expert's weight matrix
+and share their row tile through L2, and the visits of one expert run close together
+(``GpuTiling.visits_inner`` swaps the order).
 
 Forward only (serving); training on GPU uses ``moe_impl="bucketed"``.
 """
@@ -153,8 +153,8 @@ def _expert_kernel(sizes_ref, *refs, gathered: bool, num_weights: int, epilogue,
         plgpu.store(out_ref.at[pl.ds(first, bm), cols], epilogue(*acc).astype(out_ref.dtype), mask=mine)
 
 
-def _grouped_product(sizes: jax.Array, num_visits: int, x: jax.Array, weights: tuple, scales: tuple, epilogue, *, index: jax.Array | None,
-                     bm: int, bn: int, bk: int, tiling: GpuTiling, name: str) -> jax.Array:
+def _grouped_product(sizes: jax.Array, num_visits: int, x: jax.Array, weights: tuple, scales: tuple, epilogue, *,
+                     index: jax.Array | None, bm: int, bn: int, bk: int, tiling: GpuTiling, name: str) -> jax.Array:
     """Rows [M + bm, K] -> epilogue(rows @ w[e] times scale[e], for w in weights) [M + bm, N] on each
     visit's rows (e: its expert); rows no visit holds are left unwritten. The rows are x [M + bm, K]
     itself, or x[index] for an index [M]. sizes [E'] the group sizes, zero-padded to a power of two;
@@ -211,10 +211,10 @@ def expert_ffn(x: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Ar
     gate, up = pad_to(gate, {1: hp, 2: ip}), pad_to(up, {1: hp, 2: ip})
     down = pad_to(down, {1: ip, 2: hp})
     f32 = lambda scale, size: pad_to(scale.astype(jnp.float32), {1: size})  # noqa: E731
-    h = _grouped_product(sizes, num_visits, xs, (gate, up), (f32(gate_scale, ip), f32(up_scale, ip)) if scaled else (),
-                         _gelu_product, index=index, bm=bm, bn=bn, bk=bk, tiling=tiling,
-                         name="expert_gate_up")  # [M + bm, I]
-    y = _grouped_product(sizes, num_visits, h, (down,), (f32(down_scale, hp),) if scaled else (), lambda y: y, index=None,
-                         bm=bm, bn=bn_down, bk=bk_down, tiling=tiling, name="expert_down")  # [M + bm, H]
+    gate_up_scales = (f32(gate_scale, ip), f32(up_scale, ip)) if scaled else ()
+    h = _grouped_product(sizes, num_visits, xs, (gate, up), gate_up_scales, _gelu_product, index=index, bm=bm,
+                         bn=bn, bk=bk, tiling=tiling, name="expert_gate_up")  # [M + bm, I]
+    y = _grouped_product(sizes, num_visits, h, (down,), (f32(down_scale, hp),) if scaled else (), lambda y: y,
+                         index=None, bm=bm, bn=bn_down, bk=bk_down, tiling=tiling, name="expert_down")  # [M + bm, H]
     grouped = jnp.arange(m)[:, None] < jnp.sum(sizes)  # rows no group owns were never written
     return jnp.where(grouped, y[:m, :hidden], 0)
