@@ -145,8 +145,9 @@ def main(argv=None) -> int:
 
 def time_tilings(module, x, tilings: dict, floor: float, repeats: int, prefix: str) -> list[str]:
     """The ``pallas_gpu`` kernels alone on ``x`` [N, H]'s rows sorted by expert (gathered by the token
-    index, as the MoE layer calls them), per tiling (name as written -> ``GpuTiling``), each checked
-    against the first that ran -> the tilings that failed to compile or disagreed."""
+    index and stored in (token, expert) order, as the MoE layer calls them), per tiling (name as
+    written -> ``GpuTiling``), each checked against the first that ran -> the tilings that failed to
+    compile or disagreed."""
     import jax
     import numpy as np
 
@@ -157,13 +158,14 @@ def time_tilings(module, x, tilings: dict, floor: float, repeats: int, prefix: s
     experts = [getattr(module, name)[...] for name in ("gate", "up", "down")]
     scales = [None if v is None else v[...] for v in (module.gate_scale, module.up_scale, module.down_scale)]
     _, ids = module.route(x)
-    _, token, _, sizes = _sort_by_expert(ids, module.config.num_experts)
+    order, token, _, sizes = _sort_by_expert(ids, module.config.num_experts)
     reference, failures = None, []
     label = "{} tokens, {}".format(*prefix.split())
     for name, tiling in tilings.items():
-        run = jax.jit(lambda x, token, sizes, w, t=tiling: expert_ffn(x, sizes, *w, row_index=token, tiling=t))
+        run = jax.jit(lambda x, token, order, sizes, w, t=tiling: expert_ffn(x, sizes, *w, row_index=token,
+                                                                            out_index=order, tiling=t))
         try:
-            y = np.asarray(run(x, token, sizes, (*experts, *scales)), np.float32)
+            y = np.asarray(run(x, token, order, sizes, (*experts, *scales)), np.float32)
         except Exception as e:
             failures.append(f"{label}, kernels {name}: {type(e).__name__}: {str(e).splitlines()[0]}")
             print(f"{prefix}  kernels: {name:<16}    failed: {failures[-1]}", flush=True)
@@ -173,7 +175,7 @@ def time_tilings(module, x, tilings: dict, floor: float, repeats: int, prefix: s
             failures.append(f"{label}, kernels {name}: output differs from the first tiling's")
             print(f"{prefix}  kernels: {name:<16}    wrong, not timed", flush=True)
             continue
-        seconds = median_seconds(lambda: run(x, token, sizes, (*experts, *scales)).block_until_ready(), repeats,
+        seconds = median_seconds(lambda: run(x, token, order, sizes, (*experts, *scales)).block_until_ready(), repeats,
                                  lambda: None)
         print(f"{prefix}  kernels: {name:<16}{seconds * 1e3:>10.3f}{seconds / floor:>9.2f}", flush=True)
     return failures

@@ -87,7 +87,8 @@ def compile_for_gpu(text: str, warps: int, stages: int, arch: int) -> dict:
 
 def moe_cases(config, args):
     """-> (label, jitted function, argument shapes) of the expert kernels per batch, weight type and tiling,
-    called as the MoE layer calls them: the rows gathered from the tokens by their row index."""
+    called as the MoE layer calls them: the rows gathered from the tokens by their row index and stored
+    in (token, expert) order."""
     import jax
     import jax.numpy as jnp
 
@@ -101,13 +102,14 @@ def moe_cases(config, args):
         m = n * config.num_experts_per_tok
         for mode in args.quantize.split(","):
             dtype = jnp.int8 if mode == "int8" else jnp.bfloat16
-            shapes = [s((n, hidden), jnp.bfloat16), s((m,), jnp.int32), s((e,), jnp.int32),
+            shapes = [s((n, hidden), jnp.bfloat16), s((m,), jnp.int32), s((m,), jnp.int32), s((e,), jnp.int32),
                       s((e, hidden, width), dtype), s((e, hidden, width), dtype), s((e, width, hidden), dtype)]
             if mode == "int8":
                 shapes += [s((e, width), jnp.float32), s((e, width), jnp.float32), s((e, hidden), jnp.float32)]
             for name in args.tilings:
                 tiling = dataclasses.replace(parse_tiling(name), interpret=False)
-                run = jax.jit(lambda x, index, *a, t=tiling: expert_ffn(x, *a, row_index=index, tiling=t))
+                run = jax.jit(lambda x, index, order, *a, t=tiling: expert_ffn(x, *a, row_index=index,
+                                                                               out_index=order, tiling=t))
                 yield f"{m} rows {mode} {name}", run, shapes
 
 

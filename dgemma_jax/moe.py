@@ -214,9 +214,13 @@ def _dense(x, weights, key, w: ExpertWeights):
 def _pallas_gpu(x, weights, key, w: ExpertWeights):
     from pallas_kernels.expert_ffn import expert_ffn
 
-    order, token, _, sizes = _sort_by_expert(key, w.gate.shape[0])
-    y = expert_ffn(x, sizes, *w, row_index=token)  # [N*K, H]; other shards' rows are zero
-    return _combine(y, weights, order, token, x.shape[0])
+    e = w.gate.shape[0]
+    order, token, _, sizes = _sort_by_expert(key, e)
+    # rows in (token, k) order, each token's K side by side, so the combine is a sum, not a scatter
+    # (whose zeroed buffer the denoising loop would copy in on every pass); other shards' rows are unwritten
+    y = expert_ffn(x, sizes, *w, row_index=token, out_index=order).reshape(*key.shape, -1)  # [N, K, H]
+    mine = (key < e)[..., None]
+    return jnp.sum(jnp.where(mine, y.astype(jnp.float32) * weights[..., None], 0), axis=1)  # [N, H]
 
 
 EXPERTS = {"ragged": _grouped(jax.lax.ragged_dot), "pallas": _grouped(_pallas_matmul), "pallas_gpu": _pallas_gpu,

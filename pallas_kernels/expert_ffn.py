@@ -121,13 +121,14 @@ def _gelu_product(gate: jax.Array, up: jax.Array) -> jax.Array:
     return jax.nn.gelu(gate, approximate=True) * up
 
 
-def _expert_kernel(sizes_ref, *refs, gathered: bool, num_weights: int, epilogue, bm: int, bn: int, bk: int,
-                   k_steps: int, visits_inner: bool):
+def _expert_kernel(sizes_ref, *refs, gathered: bool, scattered: bool, num_weights: int, epilogue, bm: int, bn: int,
+                   bk: int, k_steps: int, visits_inner: bool):
     """One (visit, column block): out[rows, cols] = epilogue(x[rows] @ w[e][:, cols] (x scale) for
-    each of the ``num_weights`` weights), rows the visit's, e its expert. refs: the row index (when
-    ``gathered``: the visit's rows are x[index[rows]]), x, the weights, their scales (int8 only), the
-    output."""
-    index_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
+    each of the ``num_weights`` weights), rows the visit's, e its expert. refs: the gather index (when
+    ``gathered``: the visit's rows are x[gather[rows]]), the scatter index (when ``scattered``: they
+    are stored at out[scatter[rows]]), x, the weights, their scales (int8 only), the output."""
+    gather_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
+    scatter_ref, refs = (refs[0], refs[1:]) if scattered else (None, refs)
     x_ref, weight_refs, scale_refs, out_ref = refs[0], refs[1:num_weights + 1], refs[num_weights + 1:-1], refs[-1]
     v, j = _visit_and_block(visits_inner)
     e, first, end, num = _visit(sizes_ref[...], v, bm)
@@ -135,11 +136,14 @@ def _expert_kernel(sizes_ref, *refs, gathered: bool, num_weights: int, epilogue,
     @pl.when(v < num)
     def _():
         cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
-        if index_ref is None:
-            rows = pl.ds(first, bm)
-        else:  # [bm] rows of x; the window's rows past ``end`` (maybe past the index) read row 0
+
+        def window(index_ref, past_end: int):  # the visit's [bm] rows, or their entries in an index
+            if index_ref is None:
+                return pl.ds(first, bm)
             mine = first + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0) < end
-            rows = plgpu.load(index_ref.at[pl.ds(first, bm)], mask=mine, other=0)
+            return plgpu.load(index_ref.at[pl.ds(first, bm)], mask=mine, other=past_end)
+
+        rows = window(gather_ref, 0)  # rows past ``end`` read row 0, computed and not stored
 
         def step(i, acc):
             ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
@@ -150,21 +154,30 @@ def _expert_kernel(sizes_ref, *refs, gathered: bool, num_weights: int, epilogue,
         if scale_refs:
             acc = tuple(a * scale[e, cols][None, :] for a, scale in zip(acc, scale_refs))
         mine = first + jax.lax.broadcasted_iota(jnp.int32, (bm, bn), 0) < end
-        plgpu.store(out_ref.at[pl.ds(first, bm), cols], epilogue(*acc).astype(out_ref.dtype), mask=mine)
+        value = epilogue(*acc).astype(out_ref.dtype)  # [bm, bn]
+        if scatter_ref is None:
+            plgpu.store(out_ref.at[pl.ds(first, bm), cols], value, mask=mine)
+        else:  # both indices arrays, [bm, 1] destination rows by [1, bn] columns, as interpret mode needs;
+            # rows past ``end`` aim past the output (masked off; interpret mode drops them, where a row
+            # of the output would be written back with its old value)
+            columns = j * bn + jax.lax.broadcasted_iota(jnp.int32, (1, bn), 1)
+            plgpu.store(out_ref.at[window(scatter_ref, out_ref.shape[0])[:, None], columns], value, mask=mine)
 
 
 def _grouped_product(sizes: jax.Array, num_visits: int, x: jax.Array, weights: tuple, scales: tuple, epilogue, *,
-                     index: jax.Array | None, bm: int, bn: int, bk: int, tiling: GpuTiling, name: str) -> jax.Array:
-    """Rows [M + bm, K] -> epilogue(rows @ w[e] times scale[e], for w in weights) [M + bm, N] on each
-    visit's rows (e: its expert); rows no visit holds are left unwritten. The rows are x [M + bm, K]
-    itself, or x[index] for an index [M]. sizes [E'] the group sizes, zero-padded to a power of two;
-    weights [E, K, N] each."""
+                     gather: jax.Array | None, scatter: jax.Array | None, bm: int, bn: int, bk: int,
+                     tiling: GpuTiling, name: str) -> jax.Array:
+    """Sorted rows [M + bm, K] -> epilogue(rows @ w[e] times scale[e], for w in weights) on each
+    visit's rows (e: its expert), stored in row order [M + bm, N] or at out[scatter] [M, N]; rows no
+    visit holds are left unwritten. The rows are x [M + bm, K] itself, or x[gather] for an index [M].
+    sizes [E'] the group sizes, zero-padded to a power of two; weights [E, K, N] each."""
     k, n = weights[0].shape[1:]
-    kernel = functools.partial(_expert_kernel, gathered=index is not None, num_weights=len(weights),
-                               epilogue=epilogue, bm=bm, bn=bn, bk=bk, k_steps=k // bk,
+    kernel = functools.partial(_expert_kernel, gathered=gather is not None, scattered=scatter is not None,
+                               num_weights=len(weights), epilogue=epilogue, bm=bm, bn=bn, bk=bk, k_steps=k // bk,
                                visits_inner=tiling.visits_inner)
     stage_bytes = bk * (bm * x.dtype.itemsize + len(weights) * bn * weights[0].dtype.itemsize)  # one loop step's tiles
-    rows = x.shape[0] if index is None else index.shape[0] + bm
+    rows = scatter.shape[0] if scatter is not None else x.shape[0] if gather is None else gather.shape[0] + bm
+    indexes = tuple(index for index in (gather, scatter) if index is not None)
     return pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((rows, n), x.dtype),
@@ -173,19 +186,24 @@ def _grouped_product(sizes: jax.Array, num_visits: int, x: jax.Array, weights: t
         platform="cuda",
         interpret=tiling.interpret,
         name=name,
-    )(sizes, *(() if index is None else (index,)), x, *weights, *scales)
+    )(sizes, *indexes, x, *weights, *scales)
 
 
 def expert_ffn(x: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
                gate_scale: jax.Array | None = None, up_scale: jax.Array | None = None,
                down_scale: jax.Array | None = None, *, row_index: jax.Array | None = None,
-               tiling: GpuTiling = GpuTiling()) -> jax.Array:
+               out_index: jax.Array | None = None, tiling: GpuTiling = GpuTiling()) -> jax.Array:
     """The expert FFN of rows sorted by expert -> [M, H] in x.dtype, float32 accumulation.
 
     x [N, H]: the rows themselves (M = N), or, with ``row_index`` [M] int in [0, N), the rows
     ``x[row_index]``, read in place by the gate/up kernel. group_sizes [E] int (may be zero; may sum
     to less than M: the rows past the last group come out zero). gate, up [E, H, I], down [E, I, H]:
-    float, or int8 with the float32 scales gate_scale, up_scale [E, I], down_scale [E, H]."""
+    float, or int8 with the float32 scales gate_scale, up_scale [E, I], down_scale [E, H].
+
+    ``out_index`` [M] int, a permutation of [0, M): the down kernel stores sorted row r at row
+    ``out_index[r]`` of the result (the MoE layer's (token, expert) order, so that no scatter
+    combines them). Then the rows past the last group are not written: their destinations hold
+    whatever the buffer held, and the caller masks them."""
     n, hidden = x.shape
     m = n if row_index is None else row_index.shape[0]
     e, _, width = gate.shape
@@ -194,8 +212,11 @@ def expert_ffn(x: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Ar
                          "expected gate, up [E, H, I] and down [E, I, H] with H = x.shape[1]")
     if group_sizes.shape != (e,):
         raise ValueError(f"expert_ffn: group_sizes {group_sizes.shape} for {e} experts")
-    if row_index is not None and (row_index.ndim != 1 or not jnp.issubdtype(row_index.dtype, jnp.integer)):
-        raise ValueError(f"expert_ffn: row_index {row_index.shape} {row_index.dtype}: expected one int index per row")
+    for name, index in (("row_index", row_index), ("out_index", out_index)):
+        if index is not None and (index.ndim != 1 or not jnp.issubdtype(index.dtype, jnp.integer)):
+            raise ValueError(f"expert_ffn: {name} {index.shape} {index.dtype}: expected one int index per row")
+    if out_index is not None and out_index.shape != (m,):
+        raise ValueError(f"expert_ffn: out_index {out_index.shape} for {m} rows")
     scaled = gate_scale is not None
     if scaled != (up_scale is not None) or scaled != (down_scale is not None):
         raise ValueError("expert_ffn: give all three scales (int8 weights) or none (float weights)")
@@ -207,14 +228,18 @@ def expert_ffn(x: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Ar
     sizes = pad_to(group_sizes.astype(jnp.int32), {0: pl.next_power_of_2(e)})
     num_visits = m // bm + e  # sum over groups of ceil(size / bm) <= M // bm + E; the rest return at once
     index = None if row_index is None else row_index.astype(jnp.int32)  # [M]
+    scatter = None if out_index is None else out_index.astype(jnp.int32)  # [M]
     xs = pad_to(x, {0: m + bm, 1: hp} if index is None else {1: hp})  # every visit's [bm] row window stays inside
     gate, up = pad_to(gate, {1: hp, 2: ip}), pad_to(up, {1: hp, 2: ip})
     down = pad_to(down, {1: ip, 2: hp})
     f32 = lambda scale, size: pad_to(scale.astype(jnp.float32), {1: size})  # noqa: E731
     gate_up_scales = (f32(gate_scale, ip), f32(up_scale, ip)) if scaled else ()
-    h = _grouped_product(sizes, num_visits, xs, (gate, up), gate_up_scales, _gelu_product, index=index, bm=bm,
-                         bn=bn, bk=bk, tiling=tiling, name="expert_gate_up")  # [M + bm, I]
+    h = _grouped_product(sizes, num_visits, xs, (gate, up), gate_up_scales, _gelu_product, gather=index,
+                         scatter=None, bm=bm, bn=bn, bk=bk, tiling=tiling, name="expert_gate_up")  # [M + bm, I]
     y = _grouped_product(sizes, num_visits, h, (down,), (f32(down_scale, hp),) if scaled else (), lambda y: y,
-                         index=None, bm=bm, bn=bn_down, bk=bk_down, tiling=tiling, name="expert_down")  # [M + bm, H]
+                         gather=None, scatter=scatter, bm=bm, bn=bn_down, bk=bk_down, tiling=tiling,
+                         name="expert_down")  # [M + bm, H], or [M, H] in out_index's order
+    if scatter is not None:
+        return y[:, :hidden]
     grouped = jnp.arange(m)[:, None] < jnp.sum(sizes)  # rows no group owns were never written
     return jnp.where(grouped, y[:m, :hidden], 0)

@@ -105,11 +105,11 @@ def test_triton_compile_finds_the_kernels_triton_ir():
     from pallas_kernels.expert_ffn import GpuTiling, expert_ffn
 
     s = jax.ShapeDtypeStruct
-    shapes = [s((32, 64), jnp.bfloat16), s((256,), jnp.int32), s((8,), jnp.int32), s((8, 64, 32), jnp.int8),
-              s((8, 64, 32), jnp.int8), s((8, 32, 64), jnp.int8), s((8, 32), jnp.float32), s((8, 32), jnp.float32),
-              s((8, 64), jnp.float32)]
+    shapes = [s((32, 64), jnp.bfloat16), s((256,), jnp.int32), s((256,), jnp.int32), s((8,), jnp.int32),
+              s((8, 64, 32), jnp.int8), s((8, 64, 32), jnp.int8), s((8, 32, 64), jnp.int8), s((8, 32), jnp.float32),
+              s((8, 32), jnp.float32), s((8, 64), jnp.float32)]
     tiling = GpuTiling(bm=32, num_warps=2, interpret=False)
-    run = jax.jit(lambda x, index, *a: expert_ffn(x, *a, row_index=index, tiling=tiling))
+    run = jax.jit(lambda x, index, order, *a: expert_ffn(x, *a, row_index=index, out_index=order, tiling=tiling))
     found = triton_modules(lower_for_gpu(run, *shapes))
     assert [(name, warps, grid) for name, warps, _, grid, _ in found] == [
         ("expert_gate_up", 2, "1x16"), ("expert_down", 2, "1x16")]  # 256 // 32 + 8 visits

@@ -43,40 +43,55 @@ CASES = [  # (M, H, I, group sizes, tiling)
 ]
 
 
-def _rows(rng, m, hidden, gathered):
-    """-> (x, row_index, the rows x[row_index]): m rows, gathered from fewer distinct ones (as the
-    MoE layer's top-k repeats each token) or given as they are (row_index None)."""
-    if not gathered:
+def _rows(rng, m, hidden, mode):
+    """-> (x, row_index, out_index, the rows x[row_index]): m rows given as they are ("in-place"),
+    gathered from fewer distinct ones ("gathered", as the MoE layer's top-k repeats each token), or
+    gathered and stored in a shuffled order ("scattered", out_index a permutation)."""
+    if mode == "in-place":
         rows = jnp.asarray(rng.standard_normal((m, hidden)), jnp.float32)
-        return rows, None, rows
+        return rows, None, None, rows
     x = jnp.asarray(rng.standard_normal((max(1, m // 3), hidden)), jnp.float32)
     index = jnp.asarray(rng.integers(0, x.shape[0], m), jnp.int32)
-    return x, index, x[index]
+    out_index = jnp.asarray(rng.permutation(m), jnp.int32) if mode == "scattered" else None
+    return x, index, out_index, x[index]
 
 
-@pytest.mark.parametrize("gathered", [False, True], ids=["in-place", "gathered"])
+def _sorted(out, out_index, sizes):
+    """The result in sorted-row order; with out_index, the rows no group owns (never written) as 0."""
+    if out_index is None:
+        return out
+    owned = (jnp.arange(out.shape[0]) < jnp.sum(sizes))[:, None]
+    return jnp.where(owned, out[out_index], 0)
+
+
+MODES = ["in-place", "gathered", "scattered"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("m,hidden,width,sizes,tiling", CASES)
-def test_float_weights_match_xla(m, hidden, width, sizes, tiling, gathered):
+def test_float_weights_match_xla(m, hidden, width, sizes, tiling, mode):
     rng = np.random.default_rng(m + hidden)
-    x, index, rows = _rows(rng, m, hidden, gathered)
+    x, index, out_index, rows = _rows(rng, m, hidden, mode)
     gate, up, down = _weights(rng, len(sizes), hidden, width)
     sizes = jnp.asarray(sizes, jnp.int32)
-    out = expert_ffn(x, sizes, gate, up, down, row_index=index, tiling=tiling)
+    out = expert_ffn(x, sizes, gate, up, down, row_index=index, out_index=out_index, tiling=tiling)
+    assert out.shape == (m, hidden) and out.dtype == jnp.float32
+    out = _sorted(out, out_index, sizes)
     want = _reference(rows, sizes, gate, up, down)
     # float32 throughout: only the summation order differs from the reference
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max() + 1))
-    assert out.shape == (m, hidden) and out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("gathered", [False, True], ids=["in-place", "gathered"])
-def test_int8_weights_match_the_dequantized_float_ones(gathered):
+@pytest.mark.parametrize("mode", MODES)
+def test_int8_weights_match_the_dequantized_float_ones(mode):
     rng = np.random.default_rng(1)
-    x, index, rows = _rows(rng, 90, 48, gathered)
+    x, index, out_index, rows = _rows(rng, 90, 48, mode)
     weights = _weights(rng, 3, 48, 40)
     (gate, gs), (up, us), (down, ds) = (quant.quantize_int8(w, 1) for w in weights)
     sizes = jnp.asarray([41, 0, 45], jnp.int32)
-    run = jax.jit(lambda x, i: expert_ffn(x, sizes, gate, up, down, gs, us, ds, row_index=i, tiling=GpuTiling(bm=16)))
-    out = run(x, index)
+    run = jax.jit(lambda x, i, o: expert_ffn(x, sizes, gate, up, down, gs, us, ds, row_index=i, out_index=o,
+                                             tiling=GpuTiling(bm=16)))
+    out = _sorted(run(x, index, out_index), out_index, sizes)
     want = _reference(rows, sizes, *(quant.dequantize(q, s, 1) for q, s in ((gate, gs), (up, us), (down, ds))))
     # the scale multiplies the float32 accumulator instead of the weights: rounding-order differences
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max() + 1))
@@ -95,6 +110,8 @@ def test_bad_inputs_name_what_is_wrong():
         expert_ffn(rows, sizes, gate, up, gate, row_index=jnp.zeros((8, 1), jnp.int32))
     with pytest.raises(ValueError, match=r"row_index \(8,\) float32"):
         expert_ffn(rows, sizes, gate, up, gate, row_index=jnp.zeros((8,)))
+    with pytest.raises(ValueError, match=r"out_index \(7,\) for 8 rows"):
+        expert_ffn(rows, sizes, gate, up, gate, out_index=jnp.zeros((7,), jnp.int32))
 
 
 @pytest.mark.parametrize("weights", ["bfloat16", "int8"])
@@ -105,15 +122,16 @@ def test_lowers_to_triton_at_the_26b_shapes(weights, canvases):
     one canvas (2,048 rows, top-8) gives 16-row visits, 2,048 // 16 + 128 of them; sixteen give
     128-row visits, 8 warps for gate/up's two 128 x 64 accumulators and down's 128 x 128, and gate/up's
     3 pipeline stages of 64 KiB (bf16) within the shared memory. The rows are gathered from the
-    tokens by a row index, as the MoE layer calls it."""
+    tokens by a row index and stored in (token, expert) order, as the MoE layer calls it."""
     s = jax.ShapeDtypeStruct
     e, hidden, width, n = 128, 2816, 704, canvases * 256
     m = n * 8
-    args = [s((n, hidden), jnp.bfloat16), s((m,), jnp.int32), s((e,), jnp.int32), s((e, hidden, width), weights),
-            s((e, hidden, width), weights), s((e, width, hidden), weights)]
+    args = [s((n, hidden), jnp.bfloat16), s((m,), jnp.int32), s((m,), jnp.int32), s((e,), jnp.int32),
+            s((e, hidden, width), weights), s((e, hidden, width), weights), s((e, width, hidden), weights)]
     if weights == "int8":
         args += [s((e, width), jnp.float32), s((e, width), jnp.float32), s((e, hidden), jnp.float32)]
-    run = jax.jit(lambda x, index, *a: expert_ffn(x, *a, row_index=index, tiling=GpuTiling(interpret=False)))
+    tiling = GpuTiling(interpret=False)
+    run = jax.jit(lambda x, index, order, *a: expert_ffn(x, *a, row_index=index, out_index=order, tiling=tiling))
     text = lower_for_gpu(run, *args).as_text()
     calls = [line for line in text.splitlines() if "xla.gpu.triton" in line]
     keys = ("grid_x", "grid_y", "num_warps", "num_stages")
