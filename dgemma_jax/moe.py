@@ -8,7 +8,9 @@ Back ends (``config.moe_impl``); all but ``dense`` compute only the chosen exper
   ``pallas_gpu``: tokens sorted by expert through the two Pallas kernels (Triton on GPU, interpreted
               elsewhere) of ``pallas_kernels.expert_ffn``: gate/up with the GELU product fused in,
               then down; each expert's weights read once per row tile, int8 converted in registers.
-              Forward only (serving). Not yet timed on a GPU, so not the GPU default.
+              The kernels gather the tokens and store their rows in token order themselves, so
+              the combine is a sum over each token's K rows. Forward only (serving). Not yet timed
+              on a GPU, so not the GPU default.
   ``tiled``:  tokens sorted by expert into tiles of one expert each; a loop over experts runs small
               matmuls over that expert's filled tiles only. The CPU back end (inference: its loops
               have data-dependent trip counts, so it has no reverse-mode gradient).
