@@ -35,12 +35,17 @@ def host_init(var: nnx.Variable, rng: np.random.Generator) -> np.ndarray:
     return (var.get_metadata("init_std", 0.02) * rng.standard_normal(shape, np.float32)).astype(dtype)
 
 
+def _inverse_rms(x: jax.Array, eps: float) -> jax.Array:
+    """(mean(x^2) + eps)^-1/2 over the last dim, in float32: [..., D] -> [..., 1]."""
+    xf = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
 def inverse_rms(xs: list[jax.Array], eps: float) -> list[jax.Array]:
-    """(mean(x^2) + eps)^-1/2 over the last dim, float32, of each x in xs [..., heads_i, D] (the same
-    leading dims and D) -> [..., heads_i, 1] each, as one reduction over their heads side by side: on
-    GPU each reduction is a kernel launch of its own."""
-    joint = jnp.concatenate(xs, axis=-2).astype(jnp.float32) if len(xs) > 1 else xs[0].astype(jnp.float32)
-    inverse = jax.lax.rsqrt(jnp.mean(joint * joint, axis=-1, keepdims=True) + eps)
+    """``_inverse_rms`` of each x in xs [..., heads_i, D] (the same leading dims and D) -> [..., heads_i,
+    1] each, as one reduction over their heads side by side: on GPU each reduction is a kernel launch
+    of its own."""
+    inverse = _inverse_rms(jnp.concatenate(xs, axis=-2), eps)
     return jnp.split(inverse, np.cumsum([x.shape[-2] for x in xs])[:-1].tolist(), axis=-2)
 
 
@@ -48,7 +53,7 @@ def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float, inverse: jax.Arr
     """x * (mean(x^2) + eps)^-1/2 [* scale], computed in float32, returned in x's dtype. ``inverse``:
     that factor when already computed (``inverse_rms``)."""
     xf = x.astype(jnp.float32)
-    y = xf * (jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps) if inverse is None else inverse)
+    y = xf * (_inverse_rms(x, eps) if inverse is None else inverse)
     if scale is not None:
         y = y * scale.astype(jnp.float32)
     return y.astype(x.dtype)
