@@ -12,9 +12,9 @@ bf16 inputs, jitted, the median of ``--repeats`` runs:
   xla         ``dgemma_jax.attention`` with ``attention_impl="xla"``: the cache | canvas concatenation,
               dense masks, float32 scores written out and read back
   pallas_gpu  ``pallas_kernels.attention_gpu`` (Triton; interpreted off GPU, so slow there)
-Each output is checked against ``xla`` before it is timed; a line per case names the fastest. The floor is the bytes the pass must read
-(queries, the keys and values its mask reaches) and write (the output) over the device's measured
-copy bandwidth.
+Each output is checked against ``xla`` before it is timed; a line per case names the fastest. The
+floor is the bytes the pass must read (queries, the keys and values its mask reaches) and write (the
+output) over the device's measured copy bandwidth.
 
 ``--blocks`` (default: the defaults and one change of them at a time, on GPU; only the defaults
 elsewhere) times the kernel under each ``GpuBlocks``, written ``q=32,num_warps=8``, one per argument.
@@ -116,7 +116,8 @@ def main(argv=None) -> int:
                     print(f"{label}{name:>28}{seconds * 1e3:>10.3f}{seconds / floor:>9.2f}", flush=True)
                 if timed:
                     seconds, name = min(timed)
-                    print(f"fastest for {layer_type.split('_')[0]} {kind} at batch {b}: {name} ({seconds * 1e3:.3f} ms)")
+                    print(f"fastest for {layer_type.split('_')[0]} {kind} at batch {b}: {name} "
+                          f"({seconds * 1e3:.3f} ms)")
     for failure in failures:
         print(f"FAILED: {failure}")
     return 1 if failures else 0

@@ -159,13 +159,14 @@ def time_tilings(module, x, tilings: dict, floor: float, repeats: int, prefix: s
     scales = [None if v is None else v[...] for v in (module.gate_scale, module.up_scale, module.down_scale)]
     _, ids = module.route(x)
     order, token, _, sizes = _sort_by_expert(ids, module.config.num_experts)
+    inputs = (x, token, order, sizes, (*experts, *scales))
     reference, failures = None, []
     label = "{} tokens, {}".format(*prefix.split())
     for name, tiling in tilings.items():
         run = jax.jit(lambda x, token, order, sizes, w, t=tiling: expert_ffn(x, sizes, *w, row_index=token,
                                                                             out_index=order, tiling=t))
         try:
-            y = np.asarray(run(x, token, order, sizes, (*experts, *scales)), np.float32)
+            y = np.asarray(run(*inputs), np.float32)
         except Exception as e:
             failures.append(f"{label}, kernels {name}: {type(e).__name__}: {str(e).splitlines()[0]}")
             print(f"{prefix}  kernels: {name:<16}    failed: {failures[-1]}", flush=True)
@@ -175,8 +176,7 @@ def time_tilings(module, x, tilings: dict, floor: float, repeats: int, prefix: s
             failures.append(f"{label}, kernels {name}: output differs from the first tiling's")
             print(f"{prefix}  kernels: {name:<16}    wrong, not timed", flush=True)
             continue
-        seconds = median_seconds(lambda: run(x, token, order, sizes, (*experts, *scales)).block_until_ready(), repeats,
-                                 lambda: None)
+        seconds = median_seconds(lambda: run(*inputs).block_until_ready(), repeats, lambda: None)
         print(f"{prefix}  kernels: {name:<16}{seconds * 1e3:>10.3f}{seconds / floor:>9.2f}", flush=True)
     return failures
 

@@ -169,8 +169,8 @@ def main(argv=None) -> int:
     from pallas_kernels.common import lower_for_gpu
 
     config = load_model_config(args.config)
-    print(f"config {os.path.relpath(args.config, ROOT)} | {config.num_experts} experts, top-{config.num_experts_per_tok}, "
-          f"H {config.hidden_size}, I {config.moe_intermediate_size} | triton {triton.__version__}, sm_{args.arch} | "
+    print(f"config {os.path.relpath(args.config, ROOT)} | {config.num_experts} experts, "
+          f"top-{config.num_experts_per_tok}, H {config.hidden_size}, I {config.moe_intermediate_size} | triton {triton.__version__}, sm_{args.arch} | "
           f"jax {jax.__version__}")
     print(f"{'case':<40} {'kernel':<24} {'grid':>8} {'warps':>5} {'stages':>6} {'shared KiB':>10} {'regs':>5} "
           f"{'spilled':>7}")
