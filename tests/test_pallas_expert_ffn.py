@@ -1,7 +1,7 @@
 """pallas_kernels.expert_ffn (the GPU expert-FFN kernels, interpret mode here) against a plain XLA
 reference: ragged and empty groups, rows no group owns, several tilings, int8 weights with scales,
-rows given in place or gathered by a row index; and the kernels lowered to Triton for a GPU at the
-26B layer's shapes, which needs no GPU."""
+rows given in place or gathered by a row index, results in row order or stored by an out index; and
+the kernels lowered to Triton for a GPU at the 26B layer's shapes, which needs no GPU."""
 
 import re
 
