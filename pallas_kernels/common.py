@@ -24,6 +24,16 @@ def fit(tile: int, dim: int, align: int) -> int:
     return tile if dim > tile else round_up(dim, align)
 
 
+def exact_block(tile: int, dim: int, align: int) -> int:
+    """The block used along a dim that should not be padded (padding a weight copies it on every
+    call): the whole dim when it is at most ``tile`` (a block may span a whole dim of any size), else
+    the largest multiple of ``align`` up to ``tile`` that divides the dim; ``tile`` when there is none,
+    and then the dim is padded to a multiple of it."""
+    if dim <= tile:
+        return dim
+    return max((b for b in range(align, tile + 1, align) if dim % b == 0), default=tile)
+
+
 def pallas_call(kernel, *, platform: str, interpret: bool | None, **kwargs):
     """``pl.pallas_call(kernel, **kwargs)``, compiled for ``platform`` (``"tpu"``: Mosaic, ``"cuda"``:
     Triton) and interpreted on every other platform. ``interpret``: None = chosen by the platform the

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.common import exact_block
 from pallas_kernels.grouped_matmul import Tiling, gmm, grouped_matmul, tgmm
 
 
@@ -26,6 +27,7 @@ CASES = [  # (M, K, N, global group sizes, offset, local groups, tiling)
     (100, 200, 300, [33, 1, 66], 0, 3, Tiling(tm=32, tk=128, tn=128)),  # several k and n tiles, padding
     (40, 16, 16, [10, 10, 0, 0, 20], 2, 2, Tiling(tm=8)),  # every local group empty
     (37, 8, 136, [37], 0, 1, Tiling(tm=8, tn=128)),  # one group, odd M
+    (48, 384, 176, [0, 30, 18], 0, 3, Tiling(tm=16, tk=256, tn=128)),  # blocks that divide K (128) / span N (176)
 ]
 
 
@@ -75,3 +77,29 @@ def test_bfloat16_inputs_accumulate_in_float32():
 def test_mismatched_shapes_are_named():
     with pytest.raises(ValueError, match="do not contract"):
         gmm(jnp.zeros((8, 4)), jnp.zeros((2, 5, 3)), jnp.asarray([4, 4]))
+
+
+def test_blocks_divide_the_dims_where_they_can():
+    assert exact_block(1536, 2816, 128) == 1408  # the 26B expert width: 2 blocks, not 2 padded to 3072
+    assert exact_block(1536, 704, 128) == 704  # the 26B expert hidden size: one whole block, no lane padding
+    assert exact_block(128, 2048, 8) == 128
+    assert exact_block(512, 704, 128) == 512  # no multiple of 128 divides 704: padded to 1024
+    assert exact_block(8, 37, 8) == 8
+
+
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+def test_26b_expert_weights_are_neither_padded_nor_sliced(transpose_rhs):
+    """Padding the weights to the blocks copies every expert's weights on every call: on TPU v5e:2x4
+    that was 15.7 GB of extra traffic per canvas pass (docs/scaling.md). The default tiling takes the
+    26B shapes as they are, in both kernels (gmm, tgmm) and both directions."""
+    lhs = jax.ShapeDtypeStruct((2048, 2816), jnp.bfloat16)
+    rhs = jax.ShapeDtypeStruct((16, 704, 2816) if transpose_rhs else (16, 2816, 704), jnp.bfloat16)
+    sizes = jax.ShapeDtypeStruct((128,), jnp.int32)
+
+    def copies(fn, *args):  # pads, and slices of matrices (the group bounds' scalars are sliced too)
+        return [e for e in jax.make_jaxpr(fn)(*args).eqns if str(e.primitive) == "pad"
+                or (str(e.primitive) == "slice" and e.invars[0].aval.ndim > 1)]
+
+    assert not copies(lambda a, b, s: gmm(a, b, s, 0, transpose_rhs=transpose_rhs), lhs, rhs, sizes)
+    grad = jax.ShapeDtypeStruct((2048, 704), jnp.bfloat16)
+    assert not copies(lambda a, g, s: tgmm(a, g, s, 16), lhs, grad, sizes)
