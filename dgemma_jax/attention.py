@@ -1,8 +1,9 @@
 """Attention masks of the two passes and the attention back ends (``config.attention_impl``):
 ``xla`` (dense masks, einsums), ``pallas`` (``pallas_kernels.attention``: flash-style, masks
-computed per block, empty blocks skipped; Mosaic on TPU, interpreted elsewhere; with its gradient)
-and ``pallas_gpu`` (``pallas_kernels.attention_gpu``: flash-style, each query block walks only the
-key blocks its mask reaches; Triton on GPU, interpreted elsewhere; serving only).
+computed per block, each query block walks only the key blocks its mask reaches; Mosaic on TPU,
+interpreted elsewhere; with its gradient) and ``pallas_gpu`` (``pallas_kernels.attention_gpu``: the
+same walk; Triton on GPU, interpreted elsewhere; serving only). Both kernels read the canvas pass's
+cache and canvas keys as two inputs.
 
 Encoder pass (causal): a token at position p sees cache positions k <= p; on sliding layers also
 k > p - window.
@@ -99,22 +100,20 @@ def attend_causal(q, keys, values, start, window: int | None, impl: str = "xla",
 def attend_canvas(q, keys, values, k, v, length, window: int | None, impl: str = "xla", mesh: Mesh | None = None,
                   blocks=None):
     """Canvas pass: q [B, L, N, D] and k/v [B, K, L, D] of the canvas over ``concat(cache keys/values
-    [B, K, S, D], k/v)`` with ``length`` [B] filled cache slots -> [B, L, N, D]. ``pallas_gpu`` reads
-    the cache and the canvas keys where they are, without the concatenation."""
-    if impl == "pallas_gpu":
-        from pallas_kernels.attention_gpu import gpu_attention
+    [B, K, S, D], k/v)`` with ``length`` [B] filled cache slots -> [B, L, N, D]. The kernels
+    (``pallas``, ``pallas_gpu``) read the cache and the canvas keys where they are, without the
+    concatenation (a copy of the layer's whole cache on every pass)."""
+    if impl in ("pallas", "pallas_gpu"):
+        if impl == "pallas":
+            from pallas_kernels.attention import flash_attention as attention
+        else:
+            from pallas_kernels.attention_gpu import gpu_attention as attention
 
         def kernel(q, keys, values, length, k, v):
-            return gpu_attention(q, keys, values, length, kind="canvas", window=window, canvas=(k, v),
-                                 **_settings(blocks))
+            return attention(q, keys.astype(k.dtype), values.astype(v.dtype), length, kind="canvas", window=window,
+                             canvas=(k, v), **_settings(blocks))
 
         return _on_mesh(mesh, kernel, q, keys, values, length, k, v)
     all_k = jnp.concatenate([keys.astype(k.dtype), k], axis=2)
     all_v = jnp.concatenate([values.astype(v.dtype), v], axis=2)
-    if impl == "pallas":
-        from pallas_kernels.attention import flash_attention
-
-        kernel = functools.partial(flash_attention, kind="canvas", window=window, cache_size=keys.shape[2],
-                                   **_settings(blocks))
-        return _on_mesh(mesh, kernel, q, all_k, all_v, length)
     return attend(q, all_k, all_v, canvas_mask(length, keys.shape[2], k.shape[2], window))

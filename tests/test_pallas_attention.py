@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dgemma_jax.attention import attend, canvas_mask, encoder_mask
-from pallas_kernels.attention import Blocks, flash_attention
+from pallas_kernels.attention import Blocks, Mask, flash_attention
 
 
 def _reference(q, k, v, offsets, kind, window, cache_size):
@@ -28,6 +28,7 @@ CASES = [  # (kind, B, T, S, N, K, D, offsets, window, cache_size, blocks)
     ("canvas", 3, 16, 48, 2, 1, 16, [0, 20, 32], 6, 32, Blocks(8, 8)),  # sliding, an empty cache
     ("causal", 1, 13, 37, 2, 1, 8, [11], 5, 0, Blocks(8, 8)),  # ragged: padded queries and keys
     ("canvas", 2, 13, 37, 4, 2, 8, [0, 24], 9, 24, Blocks(8, 8)),
+    ("canvas", 2, 10, 35, 2, 1, 8, [19, 25], None, 25, Blocks(8, 8)),  # a key block holds cache and canvas
 ]
 
 
@@ -49,9 +50,66 @@ def test_forward_and_gradients_match_xla(kind, b, t, s, n, kh, d, offsets, windo
         np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-4 * float(jnp.abs(exp).max()))
 
 
+@pytest.mark.parametrize("b,t,s,n,kh,d,offsets,window,cache_size,blocks",
+                         [c[1:] for c in CASES if c[0] == "canvas"])
+def test_canvas_keys_read_in_place_match_the_concatenated_keys(b, t, s, n, kh, d, offsets, window, cache_size,
+                                                               blocks):
+    """``canvas=(k, v)``: the cache and the canvas keys as two inputs (or concatenated inside when
+    the cache does not end on a key block, cache_size 25 with blocks of 8) give the output and the
+    gradients, of the cache and the canvas keys each, of the keys concatenated beforehand."""
+    rng = np.random.default_rng(t * s + n + 1)
+    q, do = (jnp.asarray(rng.standard_normal((b, t, n, d)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((b, kh, s, d)), jnp.float32) for _ in range(2))
+    offsets = jnp.asarray(offsets, jnp.int32)
+
+    def joined(q, k, v):
+        return flash_attention(q, k, v, offsets, kind="canvas", window=window, cache_size=cache_size, blocks=blocks)
+
+    def split(q, k, v):
+        cut = lambda x: (x[:, :, :cache_size], x[:, :, cache_size:])  # noqa: E731
+        (kc, kn), (vc, vn) = cut(k), cut(v)
+        return flash_attention(q, kc, vc, offsets, kind="canvas", window=window, canvas=(kn, vn), blocks=blocks)
+
+    np.testing.assert_allclose(split(q, k, v), joined(q, k, v), rtol=1e-5, atol=1e-5)
+    ours, ref = (jax.grad(lambda *a: jnp.sum(fn(*a) * do), (0, 1, 2))(q, k, v) for fn in (split, joined))
+    for got, exp in zip(ours, ref):
+        np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-5 * float(jnp.abs(exp).max()))
+
+
 def test_bad_shapes_are_named():
     q = jnp.zeros((1, 4, 3, 8))
     with pytest.raises(ValueError, match="N a multiple of K"):
         flash_attention(q, jnp.zeros((1, 2, 4, 8)), jnp.zeros((1, 2, 4, 8)), jnp.zeros(1, jnp.int32), kind="causal")
     with pytest.raises(ValueError, match="mask kind"):
         flash_attention(q, jnp.zeros((1, 3, 4, 8)), jnp.zeros((1, 3, 4, 8)), jnp.zeros(1, jnp.int32), kind="full")
+    keys = jnp.zeros((1, 3, 4, 8))
+    with pytest.raises(ValueError, match="canvas keys"):
+        flash_attention(q, keys, keys, jnp.zeros(1, jnp.int32), kind="canvas", canvas=(keys[:, :2], keys[:, :2]))
+    with pytest.raises(ValueError, match="takes no canvas keys"):
+        flash_attention(q, keys, keys, jnp.zeros(1, jnp.int32), kind="causal", canvas=(keys, keys))
+
+
+@pytest.mark.parametrize("kind,window,cache_size,num_keys,bq,bk", [
+    ("causal", None, 0, 40, 8, 8), ("causal", 8, 0, 48, 8, 16), ("causal", 5, 0, 37, 8, 8),
+    ("canvas", None, 24, 40, 8, 8), ("canvas", 6, 32, 48, 8, 8), ("canvas", 9, 24, 37, 8, 8),
+    ("canvas", None, 25, 35, 8, 8), ("canvas", 6, 30, 40, 8, 8),  # a block holds cache and canvas slots
+    ("canvas", 1024, 4096, 4352, 128, 128),  # a 26B sliding layer at context 4,096: 11 of 34 blocks
+])
+def test_the_grid_walks_exactly_the_visible_key_blocks(kind, window, cache_size, num_keys, bq, bk):
+    """Each query block's real steps visit every key block the mask shows it, once, in order; the
+    steps after them repeat the last one (no new tile is fetched); no more steps than ``key_steps``."""
+    mask = Mask(kind, window, cache_size, num_keys)
+    blocks = -(-num_keys // bk)
+    steps = mask.key_steps(bq, bk, blocks)
+    for offset in range(0, (cache_size or num_keys) + 1, 3):
+        for qi in range(2):
+            walk = [tuple(int(x) for x in mask.key_block(offset, qi, j, bq, bk, blocks)) for j in range(steps)]
+            real = [block for block, is_real in walk if is_real]
+            want = [j for j in range(blocks)
+                    if mask.block_visible(offset, qi * bq, (qi + 1) * bq, j * bk, (j + 1) * bk)]
+            assert real == want, (offset, qi, walk)
+            last = real[-1] if real else walk[0][0]  # (no block: queries past the keys, not a real call)
+            assert all(not is_real and block == last for block, is_real in walk[len(real):])
+            assert all(0 <= block < blocks for block, _ in walk)
+    if kind == "canvas" and window == 1024:
+        assert steps == 11 and blocks == 34
