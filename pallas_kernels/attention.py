@@ -2,10 +2,7 @@
 ``interpret=True`` elsewhere. Forward with an online softmax, backward (dq; dk/dv) recomputing the
 probabilities from the saved log-sum-exp, all behind a custom VJP.
 
-Masks (never materialised). The forward and dq kernels' grids walk, per query block, only the key
-blocks its mask shows (``Mask.key_block``): on a 26B sliding layer at 4,096 cached positions that is
-11 steps of 34, and the blocks it leaves out are never fetched. The dk/dv kernel skips the empty
-(query block, key block) pairs:
+Masks (never materialised):
 
 * ``causal`` (encoder pass): the queries of row ``b`` sit at positions ``offsets[b] + t``; a query
   at position ``p`` sees key slot ``s <= p``, and with a ``window`` only ``s > p - window``.
@@ -13,6 +10,12 @@ blocks its mask shows (``Mask.key_block``): on a 26B sliding layer at 4,096 cach
   whole canvas and the filled cache slots ``s < offsets[b]`` (KV-length masking of a partly filled
   cache); with a ``window`` only the last ``window - 1`` of them. Without a window this is full
   attention over the filled cache and the canvas.
+
+The forward and dq kernels' grids walk, per query block, only the key blocks its mask shows
+(``Mask.key_block``): on a 26B sliding layer at 4,096 cached positions that is 11 steps of 34, and
+the blocks it leaves out are never fetched. The dk/dv kernel skips the empty (query block, key
+block) pairs. The canvas pass may take the cache and the canvas keys as two inputs
+(``flash_attention(..., canvas=(k, v))``), read where they are.
 
 Attention scale is 1.0 (the model RMS-norms q and k). Grouped-query attention: query head ``n``
 reads key/value head ``n // (N / K)``.
