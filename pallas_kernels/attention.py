@@ -14,8 +14,10 @@ Masks (never materialised):
 The forward and dq kernels' grids walk, per query block, only the key blocks its mask shows
 (``Mask.key_block``): on a 26B sliding layer at 4,096 cached positions that is 11 steps of 34, and
 the blocks it leaves out are never fetched. The dk/dv kernel skips the empty (query block, key
-block) pairs. The canvas pass may take the cache and the canvas keys as two inputs
-(``flash_attention(..., canvas=(k, v))``), read where they are.
+block) pairs. A forward program holds all the query heads of one key/value head, so each key and
+value tile is fetched once per query block; the backward kernels take one query head each. The
+canvas pass may take the cache and the canvas keys as two inputs (``flash_attention(...,
+canvas=(k, v))``), read where they are.
 
 Attention scale is 1.0 (the model RMS-norms q and k). Grouped-query attention: query head ``n``
 reads key/value head ``n // (N / K)``.
@@ -111,10 +113,11 @@ class Blocks:
 
 
 def _scores(mask: Mask, offset, q, k, qi, ki, bq, bk):
-    """One block of masked scores, float32 [bq, bk]."""
+    """One block of masked scores, float32 [rows, bk]: q holds bq query positions, or G x bq (the
+    query heads of one key/value head, one after another), against bk keys."""
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    t = qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-    slot = ki * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    t = qi * bq + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0) % bq
+    slot = ki * bk + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
     return jnp.where(mask.visible(offset, t, slot), s, MASKED)
 
 
@@ -139,9 +142,10 @@ def _forward_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_blo
 
     @pl.when(real)
     def _():
-        s = _scores(mask, offset, q_ref[...], _tile(k_refs, ki, cache_blocks), qi, ki, bq, bk)
+        q = q_ref[...]  # [G, bq, D]: the query heads of this key/value head
+        s = _scores(mask, offset, q.reshape(-1, q.shape[-1]), _tile(k_refs, ki, cache_blocks), qi, ki, bq, bk)
         m_prev = m_sc[...]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [bq, 1]
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [G * bq, 1]
         p = jnp.exp(s - m_new)
         alpha = jnp.exp(m_prev - m_new)
         l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
@@ -151,8 +155,8 @@ def _forward_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_blo
 
     @pl.when(step == pl.num_programs(3) - 1)
     def _():
-        o_ref[...] = (acc_sc[...] / l_sc[...]).astype(o_ref.dtype)
-        lse_ref[...] = m_sc[...] + jnp.log(l_sc[...])
+        o_ref[...] = (acc_sc[...] / l_sc[...]).reshape(o_ref.shape).astype(o_ref.dtype)
+        lse_ref[...] = (m_sc[...] + jnp.log(l_sc[...])).reshape(lse_ref.shape)
 
 
 def _probs(mask, offset, q, k, lse, qi, ki, bq, bk):
@@ -238,27 +242,30 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, blocks: Blocks,
 
 
 def _forward(q, ks, vs, offsets, mask: Mask, blocks: Blocks):
-    """q [B, N, Tp, D]; ks/vs: the keys/values [B, K, Sp, D] as one array, or as the cache's and the
-    canvas's, each padded to whole blocks -> (o [B, N, Tp, D], lse [B, N, Tp, 1])."""
-    b, n, t, d = q.shape
-    group, bq, bk = n // ks[0].shape[1], blocks.q, blocks.k
+    """q [B, K, G, Tp, D] (each key/value head's G query heads); ks/vs: the keys/values [B, K, Sp, D]
+    as one array, or as the cache's and the canvas's, each padded to whole blocks
+    -> (o [B, K, G, Tp, D], lse [B, K, G, Tp, 1]). A program holds all G query heads of its
+    key/value head, so each key and value tile is fetched once per query block, not once per head."""
+    b, kh, group, t, d = q.shape
+    bq, bk = blocks.q, blocks.k
     num_blocks, cache_blocks = sum(k.shape[2] for k in ks) // bk, ks[0].shape[2] // bk
-    q_spec, k_spec, row_spec = _specs(bq, bk, d, group)
-    first = lambda offset, i, j: i  # noqa: E731
+    rows_spec = lambda width: pl.BlockSpec((None, None, group, bq, width),  # noqa: E731
+                                           lambda b, h, i, j, offsets: (b, h, 0, i, 0))
 
     def walked(part):  # the part's own block of the walk's key block (held where the walk is elsewhere)
         lo, hi = (0, num_blocks) if len(ks) == 1 else ((0, cache_blocks), (cache_blocks, num_blocks))[part]
-        return lambda offset, i, j: jnp.clip(mask.key_block(offset, i, j, bq, bk, num_blocks)[0] - lo, 0, hi - lo - 1)
+        return pl.BlockSpec((None, None, bk, d), lambda b, h, i, j, offsets: (
+            b, h, jnp.clip(mask.key_block(offsets[b], i, j, bq, bk, num_blocks)[0] - lo, 0, hi - lo - 1), 0))
 
-    key_specs = [k_spec(walked(part)) for part in range(len(ks))]
+    key_specs = [walked(part) for part in range(len(ks))]
+    scratch = [pltpu.VMEM((group * bq, 1), jnp.float32)] * 2 + [pltpu.VMEM((group * bq, d), jnp.float32)]
     return _call(
         functools.partial(_forward_kernel, mask=mask, bq=bq, bk=bk, num_blocks=num_blocks,
                           cache_blocks=cache_blocks, parts=len(ks)),
-        (b, n, t // bq, mask.key_steps(bq, bk, num_blocks)),
-        [q_spec(first)] + key_specs * 2, [q_spec(first), row_spec(first)],
-        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t, 1), jnp.float32)],
-        [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, d), jnp.float32)],
-        blocks, "flash_attention_fwd", offsets, q, *ks, *vs)
+        (b, kh, t // bq, mask.key_steps(bq, bk, num_blocks)),
+        [rows_spec(d)] + key_specs * 2, [rows_spec(d), rows_spec(1)],
+        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, kh, group, t, 1), jnp.float32)],
+        scratch, blocks, "flash_attention_fwd", offsets, q, *ks, *vs)
 
 
 def _backward(q, k, v, offsets, o, lse, do, mask: Mask, blocks: Blocks):
@@ -300,10 +307,13 @@ def _attention_fwd(q, ks, vs, offsets, mask, blocks):
 
 def _attention_bwd(mask, blocks, saved, do):
     q, ks, vs, offsets, o, lse = saved
+    b, kh, group, t, d = q.shape
+    heads = lambda x: x.reshape(b, kh * group, t, x.shape[-1])  # noqa: E731  [B, K, G, T, X] -> [B, N, T, X]
     joined = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)  # noqa: E731
-    dq, dk, dv = _backward(q, joined(ks), joined(vs), offsets, o, lse, do, mask, blocks)
-    cuts = [k.shape[2] for k in ks[:-1]]  # the backward (training) takes the keys as one array
-    return dq, tuple(jnp.split(dk, cuts, axis=2)), tuple(jnp.split(dv, cuts, axis=2)), None
+    # the backward (training) takes the keys as one array, and one query head after another
+    dq, dk, dv = _backward(heads(q), joined(ks), joined(vs), offsets, heads(o), heads(lse), heads(do), mask, blocks)
+    cuts = [k.shape[2] for k in ks[:-1]]
+    return dq.reshape(q.shape), tuple(jnp.split(dk, cuts, axis=2)), tuple(jnp.split(dv, cuts, axis=2)), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -342,7 +352,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, offsets: jax.Array
             ks, vs = [k, canvas[0]], [v, canvas[1]]
     tp, pad = round_up(t, bq), round_up(s, bk) - s
     ks[-1], vs[-1] = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (ks[-1], vs[-1]))  # whole blocks
-    q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # [B, N, Tp, D]
+    q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3).reshape(b, kh, n // kh, tp, d)
     o = _attention(q, tuple(ks), tuple(vs), offsets.astype(jnp.int32), Mask(kind, window, cache_size, s),
-                   dataclasses.replace(blocks, q=bq, k=bk))
-    return o.transpose(0, 2, 1, 3)[:, :t]
+                   dataclasses.replace(blocks, q=bq, k=bk))  # [B, K, G, Tp, D]
+    return o.reshape(b, n, tp, d).transpose(0, 2, 1, 3)[:, :t]

@@ -113,3 +113,27 @@ def test_the_grid_walks_exactly_the_visible_key_blocks(kind, window, cache_size,
             assert all(0 <= block < blocks for block, _ in walk)
     if kind == "canvas" and window == 1024:
         assert steps == 11 and blocks == 34
+
+
+@pytest.mark.parametrize("kh,d,window,grid", [(8, 256, 1024, (1, 8, 2, 11)), (2, 512, None, (1, 2, 2, 34))])
+def test_26b_forward_grid_runs_over_key_value_heads_and_visible_blocks(kh, d, window, grid):
+    """The 26B canvas pass at context 4,096 (16 query heads): one program per key/value head (its
+    query heads as one block's rows) and query block, walking only the visible key blocks (sliding
+    layers: 11 of 34). Before: (1, 16, 2, 34) on both layer kinds."""
+    q = jax.ShapeDtypeStruct((1, 256, 16, d), jnp.bfloat16)
+    cache, canvas = (jax.ShapeDtypeStruct((1, kh, size, d), jnp.bfloat16) for size in (4096, 256))
+
+    def attention(q, kc, vc, kn, vn):
+        return flash_attention(q, kc, vc, jnp.array([4096], jnp.int32), kind="canvas", window=window,
+                               canvas=(kn, vn), blocks=Blocks(128, 128, interpret=True))
+
+    def grids(jaxpr):  # of the pallas_calls, also inside the custom VJP's jaxpr
+        for e in jaxpr.eqns:
+            if e.primitive.name == "pallas_call":
+                yield tuple(e.params["grid_mapping"].grid)
+            for inner in e.params.values():
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    yield from grids(inner)
+
+    assert list(grids(jax.make_jaxpr(attention)(q, cache, cache, canvas, canvas).jaxpr)) == [grid]
