@@ -241,6 +241,14 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, blocks: Blocks,
     )(offsets, *args)
 
 
+def _walked(mask: Mask, bq: int, bk: int, num_blocks: int, lo: int = 0, hi: int | None = None):
+    """-> (offset, i, j) -> the key block of grid step j of query block i, for an index map over the
+    keys' blocks lo .. hi - 1 (one part of them: the cache's or the canvas's), where the walk is
+    elsewhere held at the part's nearest block, so that nothing new is fetched."""
+    hi = num_blocks if hi is None else hi
+    return lambda offset, i, j: jnp.clip(mask.key_block(offset, i, j, bq, bk, num_blocks)[0] - lo, 0, hi - lo - 1)
+
+
 def _forward(q, ks, vs, offsets, mask: Mask, blocks: Blocks):
     """q [B, K, G, Tp, D] (each key/value head's G query heads); ks/vs: the keys/values [B, K, Sp, D]
     as one array, or as the cache's and the canvas's, each padded to whole blocks
@@ -252,12 +260,12 @@ def _forward(q, ks, vs, offsets, mask: Mask, blocks: Blocks):
     rows_spec = lambda width: pl.BlockSpec((None, None, group, bq, width),  # noqa: E731
                                            lambda b, h, i, j, offsets: (b, h, 0, i, 0))
 
-    def walked(part):  # the part's own block of the walk's key block (held where the walk is elsewhere)
-        lo, hi = (0, num_blocks) if len(ks) == 1 else ((0, cache_blocks), (cache_blocks, num_blocks))[part]
-        return pl.BlockSpec((None, None, bk, d), lambda b, h, i, j, offsets: (
-            b, h, jnp.clip(mask.key_block(offsets[b], i, j, bq, bk, num_blocks)[0] - lo, 0, hi - lo - 1), 0))
+    def key_spec(lo, hi):
+        block = _walked(mask, bq, bk, num_blocks, lo, hi)
+        return pl.BlockSpec((None, None, bk, d), lambda b, h, i, j, offsets: (b, h, block(offsets[b], i, j), 0))
 
-    key_specs = [walked(part) for part in range(len(ks))]
+    parts = [(0, num_blocks)] if len(ks) == 1 else [(0, cache_blocks), (cache_blocks, num_blocks)]
+    key_specs = [key_spec(lo, hi) for lo, hi in parts]
     scratch = [pltpu.VMEM((group * bq, 1), jnp.float32)] * 2 + [pltpu.VMEM((group * bq, d), jnp.float32)]
     return _call(
         functools.partial(_forward_kernel, mask=mask, bq=bq, bk=bk, num_blocks=num_blocks,
@@ -276,7 +284,7 @@ def _backward(q, k, v, offsets, o, lse, do, mask: Mask, blocks: Blocks):
     di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)  # [B, N, T, 1]
     q_spec, k_spec, row_spec = _specs(bq, bk, d, group)
     first, second = (lambda offset, i, j: i), (lambda offset, i, j: j)
-    walked = lambda offset, i, j: mask.key_block(offset, i, j, bq, bk, s // bk)[0]  # noqa: E731
+    walked = _walked(mask, bq, bk, s // bk)
     dq = _call(
         functools.partial(_dq_kernel, mask=mask, bq=bq, bk=bk, num_blocks=s // bk),
         (b, n, t // bq, mask.key_steps(bq, bk, s // bk)),
