@@ -13,11 +13,12 @@ Masks (never materialised):
 
 The forward and dq kernels' grids walk, per query block, only the key blocks its mask shows
 (``Mask.key_block``): on a 26B sliding layer at 4,096 cached positions that is 11 steps of 34, and
-the blocks it leaves out are never fetched. The dk/dv kernel skips the empty (query block, key
-block) pairs. A forward program holds all the query heads of one key/value head, so each key and
-value tile is fetched once per query block; the backward kernels take one query head each. The
-canvas pass may take the cache and the canvas keys as two inputs (``flash_attention(...,
-canvas=(k, v))``), read where they are.
+the blocks it leaves out are never fetched. The dk/dv kernel's grid walks, per key block, only the
+query blocks that see it (``Mask.query_block``). Every program holds all the query heads of one
+key/value head as its rows, so each key and value tile (forward, dq) or query tile (dk/dv) is
+fetched once for all of them, and dk/dv are written once per key/value head. The canvas pass may
+take the cache and the canvas keys as two inputs (``flash_attention(..., canvas=(k, v))``), read
+where they are, and their gradients come back the same way.
 
 Attention scale is 1.0 (the model RMS-norms q and k). Grouped-query attention: query head ``n``
 reads key/value head ``n // (N / K)``.
@@ -91,6 +92,25 @@ class Mask:
         block = jnp.where(step < cached, start + step, canvas + step - cached)
         return jnp.minimum(block, num_blocks - 1), step < cached + num_blocks - canvas
 
+    def query_steps(self, bq: int, bk: int, num_blocks: int) -> int:
+        """The most query blocks that see one key block (static): the dk/dv grid's query axis."""
+        if self.kind == "causal" and self.window is not None:  # positions [s, s + window) of the bk slots s
+            return min(num_blocks, -(-(self.window + bk - 1) // bq) + 1)
+        return num_blocks
+
+    def query_block(self, offset, ki, step, bq: int, bk: int, num_blocks: int):
+        """Grid step ``step`` of key block ``ki`` in the dk/dv kernel -> (its query block, whether the
+        step is real): the query blocks that see the key block, in order (a canvas key block is seen by
+        all query blocks or none; a causal one by a run of them), then the last one repeated."""
+        if self.kind == "canvas":
+            seen = self.block_visible(offset, 0, bq, ki * bk, (ki + 1) * bk)
+            return jnp.where(seen, step, num_blocks - 1), seen
+        first = jnp.maximum(ki * bk - offset, 0) // bq  # the first row at or after the block's first slot
+        last = num_blocks - 1
+        if self.window is not None:  # the last row whose window reaches the block's last slot
+            last = jnp.minimum(last, (ki * bk + bk - 1 + self.window - 1 - offset) // bq)
+        return jnp.clip(first + step, 0, jnp.maximum(last, 0)), (first + step <= last)
+
     def block_visible(self, offset, t0, t1, s0, s1):
         """Whether any (t, s) with t0 <= t < t1, s0 <= s < s1 is visible (scalar bool)."""
         if self.kind == "causal":
@@ -126,6 +146,12 @@ def _tile(refs, ki, cache_blocks: int):
     return refs[0][...] if len(refs) == 1 else jnp.where(ki < cache_blocks, refs[0][...], refs[1][...])
 
 
+def _rows(ref):
+    """A [G, bq, X] block of rows (the query heads of one key/value head) -> [G * bq, X]."""
+    x = ref[...]
+    return x.reshape(-1, x.shape[-1])
+
+
 def _forward_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_blocks: int, cache_blocks: int,
                     parts: int):
     k_refs, v_refs = refs[:parts], refs[parts:2 * parts]
@@ -142,8 +168,7 @@ def _forward_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_blo
 
     @pl.when(real)
     def _():
-        q = q_ref[...]  # [G, bq, D]: the query heads of this key/value head
-        s = _scores(mask, offset, q.reshape(-1, q.shape[-1]), _tile(k_refs, ki, cache_blocks), qi, ki, bq, bk)
+        s = _scores(mask, offset, _rows(q_ref), _tile(k_refs, ki, cache_blocks), qi, ki, bq, bk)  # [G * bq, bk]
         m_prev = m_sc[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [G * bq, 1]
         p = jnp.exp(s - m_new)
@@ -159,12 +184,17 @@ def _forward_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_blo
         lse_ref[...] = (m_sc[...] + jnp.log(l_sc[...])).reshape(lse_ref.shape)
 
 
-def _probs(mask, offset, q, k, lse, qi, ki, bq, bk):
-    return jnp.exp(_scores(mask, offset, q, k, qi, ki, bq, bk) - lse)  # [bq, bk]; masked -> 0
+def _score_grads(mask, offset, q_ref, k, v, do_ref, lse_ref, di_ref, qi, ki, bq, bk):
+    """One block's probabilities and score gradients, float32 [G * bq, bk] each (masked -> 0)."""
+    p = jnp.exp(_scores(mask, offset, _rows(q_ref), k, qi, ki, bq, bk) - _rows(lse_ref))
+    dp = jax.lax.dot_general(_rows(do_ref), v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return p, p * (dp - _rows(di_ref))
 
 
-def _dq_kernel(offsets, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_sc, *, mask: Mask, bq: int,
-               bk: int, num_blocks: int):
+def _dq_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_blocks: int, cache_blocks: int,
+               parts: int):
+    k_refs, v_refs = refs[:parts], refs[parts:2 * parts]
+    do_ref, lse_ref, di_ref, dq_ref, dq_sc = refs[2 * parts:]
     b, qi, step = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     offset = offsets[b]
     ki, real = mask.key_block(offset, qi, step, bq, bk, num_blocks)
@@ -175,78 +205,98 @@ def _dq_kernel(offsets, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq
 
     @pl.when(real)
     def _():
-        k = k_ref[...]
-        p = _probs(mask, offset, q_ref[...], k, lse_ref[...], qi, ki, bq, bk)
-        dp = jax.lax.dot_general(do_ref[...], v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds = p * (dp - di_ref[...])
+        k = _tile(k_refs, ki, cache_blocks)
+        _, ds = _score_grads(mask, offset, q_ref, k, _tile(v_refs, ki, cache_blocks), do_ref, lse_ref, di_ref,
+                             qi, ki, bq, bk)
         dq_sc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     @pl.when(step == pl.num_programs(3) - 1)
     def _():
-        dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
+        dq_ref[...] = dq_sc[...].reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(offsets, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, mask: Mask,
-                bq: int, bk: int):
-    b, ki, qi = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+def _dkv_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_q_blocks: int, cache_blocks: int,
+                parts: int):
+    k_refs, v_refs = refs[:parts], refs[parts:2 * parts]
+    do_ref, lse_ref, di_ref = refs[2 * parts:2 * parts + 3]
+    dk_refs, dv_refs = refs[2 * parts + 3:3 * parts + 3], refs[3 * parts + 3:4 * parts + 3]
+    dk_sc, dv_sc = refs[4 * parts + 3:]
+    b, ki, step = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     offset = offsets[b]
+    qi, real = mask.query_block(offset, ki, step, bq, bk, num_q_blocks)
 
-    @pl.when(qi == 0)
+    @pl.when(step == 0)
     def _():
         dk_sc[...] = jnp.zeros_like(dk_sc)
         dv_sc[...] = jnp.zeros_like(dv_sc)
 
-    @pl.when(mask.block_visible(offset, qi * bq, (qi + 1) * bq, ki * bk, (ki + 1) * bk))
+    @pl.when(real)
     def _():
-        q, do = q_ref[...], do_ref[...]
-        p = _probs(mask, offset, q, k_ref[...], lse_ref[...], qi, ki, bq, bk)
+        q, do = _rows(q_ref), _rows(do_ref)
+        p, ds = _score_grads(mask, offset, q_ref, _tile(k_refs, ki, cache_blocks), _tile(v_refs, ki, cache_blocks),
+                             do_ref, lse_ref, di_ref, qi, ki, bq, bk)
         transpose = (((0,), (0,)), ((), ()))
         dv_sc[...] += jax.lax.dot_general(p.astype(do.dtype), do, transpose, preferred_element_type=jnp.float32)
-        dp = jax.lax.dot_general(do, v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds = p * (dp - di_ref[...])
         dk_sc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, transpose, preferred_element_type=jnp.float32)
 
-    @pl.when(qi == pl.num_programs(3) - 1)
-    def _():
-        dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
-        dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+    for part, (dk_ref, dv_ref) in enumerate(zip(dk_refs, dv_refs)):  # written to the part key block ki is in
+        owned = (ki < cache_blocks) if part == 0 else (ki >= cache_blocks)
+
+        @pl.when((step == pl.num_programs(3) - 1) & owned)
+        def _():
+            dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
+            dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _specs(bq, bk, d, group):
-    """BlockSpecs over [B, N, T, D] queries, [B, K, S, D] keys and [B, N, T, 1] row statistics,
-    for a grid (b, n, i, j), the block along T or S given as a function of (offset, i, j)."""
-    def q_spec(qi_of):
-        return pl.BlockSpec((None, None, bq, d), lambda b, n, i, j, offsets: (b, n, qi_of(offsets[b], i, j), 0))
-
-    def k_spec(ki_of):
-        return pl.BlockSpec((None, None, bk, d),
-                            lambda b, n, i, j, offsets: (b, n // group, ki_of(offsets[b], i, j), 0))
-
-    def row_spec(qi_of):
-        return pl.BlockSpec((None, None, bq, 1), lambda b, n, i, j, offsets: (b, n, qi_of(offsets[b], i, j), 0))
-
-    return q_spec, k_spec, row_spec
-
-
-def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, blocks: Blocks, name: str, offsets, *args):
+def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, blocks: Blocks, name: str, offsets, *args,
+          axis2: str = "parallel"):
+    """The kernel over grid (row, key/value head, axis 2, walk); ``axis2``: the semantics of axis 2 (the
+    query blocks of the forward and dq kernels, the key blocks of the dk/dv kernel)."""
     return pallas_call(
         kernel,
         out_shape=out_shape,
         grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
                                                out_specs=out_specs, scratch_shapes=scratch),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", axis2, "arbitrary")),
         platform="tpu",
         interpret=blocks.interpret,
         name=name,
     )(offsets, *args)
 
 
-def _walked(mask: Mask, bq: int, bk: int, num_blocks: int, lo: int = 0, hi: int | None = None):
-    """-> (offset, i, j) -> the key block of grid step j of query block i, for an index map over the
-    keys' blocks lo .. hi - 1 (one part of them: the cache's or the canvas's), where the walk is
-    elsewhere held at the part's nearest block, so that nothing new is fetched."""
-    hi = num_blocks if hi is None else hi
-    return lambda offset, i, j: jnp.clip(mask.key_block(offset, i, j, bq, bk, num_blocks)[0] - lo, 0, hi - lo - 1)
+def _row_spec(group: int, bq: int, width: int, block_of):
+    """BlockSpec of one key/value head's G query heads' rows [B, K, G, Tp, width], the query block
+    given by ``block_of(offset, i, j)`` of the grid step (b, h, i, j)."""
+    def index(b, h, i, j, offsets):
+        return b, h, 0, block_of(offsets[b], i, j), 0
+    return pl.BlockSpec((None, None, group, bq, width), index)
+
+
+def _key_specs(bk: int, d: int, parts, block_of):
+    """BlockSpecs of the keys' (or values') parts [B, K, S_part, D], whose key blocks lo .. hi - 1 of
+    all of them are ``parts``; the key block ``block_of(offset, i, j)`` of the grid step, held at a
+    part's nearest block while it lies in another part, so that nothing new is fetched."""
+    def spec(lo, hi):
+        def index(b, h, i, j, offsets):
+            return b, h, jnp.clip(block_of(offsets[b], i, j) - lo, 0, hi - lo - 1), 0
+        return pl.BlockSpec((None, None, bk, d), index)
+
+    return [spec(lo, hi) for lo, hi in parts]
+
+
+def _parts(ks, bk: int):
+    """The key blocks [lo, hi) of each of the keys' parts (one array, or the cache's and the canvas's)."""
+    cuts = [0]
+    for k in ks:
+        cuts.append(cuts[-1] + k.shape[2] // bk)
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _walking_keys(mask: Mask, group: int, bq: int, bk: int, d: int, parts):
+    """-> (rows(width): the query rows' spec, the keys' specs) of a grid (b, h, query block, step)
+    that walks each query block's visible key blocks (the forward and dq kernels)."""
+    walked = lambda offset, i, j: mask.key_block(offset, i, j, bq, bk, parts[-1][1])[0]  # noqa: E731
+    return (lambda width: _row_spec(group, bq, width, lambda offset, i, j: i)), _key_specs(bk, d, parts, walked)
 
 
 def _forward(q, ks, vs, offsets, mask: Mask, blocks: Blocks):
@@ -256,51 +306,52 @@ def _forward(q, ks, vs, offsets, mask: Mask, blocks: Blocks):
     key/value head, so each key and value tile is fetched once per query block, not once per head."""
     b, kh, group, t, d = q.shape
     bq, bk = blocks.q, blocks.k
-    num_blocks, cache_blocks = sum(k.shape[2] for k in ks) // bk, ks[0].shape[2] // bk
-    rows_spec = lambda width: pl.BlockSpec((None, None, group, bq, width),  # noqa: E731
-                                           lambda b, h, i, j, offsets: (b, h, 0, i, 0))
-
-    def key_spec(lo, hi):
-        block = _walked(mask, bq, bk, num_blocks, lo, hi)
-        return pl.BlockSpec((None, None, bk, d), lambda b, h, i, j, offsets: (b, h, block(offsets[b], i, j), 0))
-
-    parts = [(0, num_blocks)] if len(ks) == 1 else [(0, cache_blocks), (cache_blocks, num_blocks)]
-    key_specs = [key_spec(lo, hi) for lo, hi in parts]
+    parts = _parts(ks, bk)
+    num_blocks, cache_blocks = parts[-1][1], parts[0][1]
+    rows, keys = _walking_keys(mask, group, bq, bk, d, parts)
     scratch = [pltpu.VMEM((group * bq, 1), jnp.float32)] * 2 + [pltpu.VMEM((group * bq, d), jnp.float32)]
     return _call(
         functools.partial(_forward_kernel, mask=mask, bq=bq, bk=bk, num_blocks=num_blocks,
-                          cache_blocks=cache_blocks, parts=len(ks)),
+                          cache_blocks=cache_blocks, parts=len(parts)),
         (b, kh, t // bq, mask.key_steps(bq, bk, num_blocks)),
-        [rows_spec(d)] + key_specs * 2, [rows_spec(d), rows_spec(1)],
+        [rows(d)] + keys * 2, [rows(d), rows(1)],
         [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, kh, group, t, 1), jnp.float32)],
         scratch, blocks, "flash_attention_fwd", offsets, q, *ks, *vs)
 
 
-def _backward(q, k, v, offsets, o, lse, do, mask: Mask, blocks: Blocks):
-    b, n, t, d = q.shape
-    kh, s = k.shape[1], k.shape[2]
-    group = n // kh
+def _backward(q, ks, vs, offsets, o, lse, do, mask: Mask, blocks: Blocks):
+    """The forward's inputs, its outputs and the output gradient (all as in ``_forward``) -> (dq, the
+    keys' gradient parts, the values' gradient parts). Both kernels hold one key/value head's G query
+    heads, as the forward does: the dq kernel walks the visible key blocks of a query block, the dk/dv
+    kernel the query blocks that see a key block, and each writes each key/value head's gradient
+    once, in the keys' parts (no concatenation, no sum over query heads afterwards)."""
+    b, kh, group, t, d = q.shape
     bq, bk = blocks.q, blocks.k
-    di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)  # [B, N, T, 1]
-    q_spec, k_spec, row_spec = _specs(bq, bk, d, group)
-    first, second = (lambda offset, i, j: i), (lambda offset, i, j: j)
-    walked = _walked(mask, bq, bk, s // bk)
+    parts = _parts(ks, bk)
+    num_blocks, cache_blocks, num_q_blocks = parts[-1][1], parts[0][1], t // bq
+    di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)  # [B, K, G, Tp, 1]
+    settings = dict(mask=mask, bq=bq, bk=bk, cache_blocks=cache_blocks, parts=len(parts))
+
+    rows, keys = _walking_keys(mask, group, bq, bk, d, parts)
     dq = _call(
-        functools.partial(_dq_kernel, mask=mask, bq=bq, bk=bk, num_blocks=s // bk),
-        (b, n, t // bq, mask.key_steps(bq, bk, s // bk)),
-        [q_spec(first), k_spec(walked), k_spec(walked), q_spec(first), row_spec(first), row_spec(first)],
-        q_spec(first), jax.ShapeDtypeStruct(q.shape, q.dtype), [pltpu.VMEM((bq, d), jnp.float32)],
-        blocks, "flash_attention_dq", offsets, q, k, v, do, lse, di)
-    # per query head, summed over each key head's group afterwards
-    per_head = pl.BlockSpec((None, None, bk, d), lambda b, n, i, j, *_: (b, n, i, 0))
-    dk, dv = _call(
-        functools.partial(_dkv_kernel, mask=mask, bq=bq, bk=bk), (b, n, s // bk, t // bq),
-        [q_spec(second), k_spec(first), k_spec(first), q_spec(second), row_spec(second), row_spec(second)],
-        [per_head, per_head], [jax.ShapeDtypeStruct((b, n, s, d), k.dtype)] * 2,
-        [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
-        blocks, "flash_attention_dkv", offsets, q, k, v, do, lse, di)
-    fold = lambda x: x.reshape(b, kh, group, s, d).sum(axis=2)  # noqa: E731
-    return dq, fold(dk), fold(dv)
+        functools.partial(_dq_kernel, num_blocks=num_blocks, **settings),
+        (b, kh, num_q_blocks, mask.key_steps(bq, bk, num_blocks)),
+        [rows(d)] + keys * 2 + [rows(d), rows(1), rows(1)], rows(d), jax.ShapeDtypeStruct(q.shape, q.dtype),
+        [pltpu.VMEM((group * bq, d), jnp.float32)], blocks, "flash_attention_dq", offsets, q, *ks, *vs, do, lse, di)
+
+    seen_by = lambda offset, i, j: mask.query_block(offset, i, j, bq, bk, num_q_blocks)[0]  # noqa: E731
+    rows = lambda width: _row_spec(group, bq, width, seen_by)  # noqa: E731
+    keys = _key_specs(bk, d, parts, lambda offset, i, j: i)
+    grads = _call(
+        functools.partial(_dkv_kernel, num_q_blocks=num_q_blocks, **settings),
+        (b, kh, num_blocks, mask.query_steps(bq, bk, num_q_blocks)),
+        [rows(d)] + keys * 2 + [rows(d), rows(1), rows(1)], keys * 2,
+        [jax.ShapeDtypeStruct(k.shape, k.dtype) for k in ks] + [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in vs],
+        [pltpu.VMEM((bk, d), jnp.float32)] * 2, blocks, "flash_attention_dkv", offsets, q, *ks, *vs, do, lse, di,
+        # a part's gradient block is held, unwritten, while the key blocks are another part's: one core
+        # walks all key blocks of a (row, head), so that it is not written back before it is computed
+        axis2="arbitrary" if len(parts) > 1 else "parallel")
+    return dq, tuple(grads[:len(parts)]), tuple(grads[len(parts):])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -315,13 +366,8 @@ def _attention_fwd(q, ks, vs, offsets, mask, blocks):
 
 def _attention_bwd(mask, blocks, saved, do):
     q, ks, vs, offsets, o, lse = saved
-    b, kh, group, t, d = q.shape
-    heads = lambda x: x.reshape(b, kh * group, t, x.shape[-1])  # noqa: E731  [B, K, G, T, X] -> [B, N, T, X]
-    joined = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)  # noqa: E731
-    # the backward (training) takes the keys as one array, and one query head after another
-    dq, dk, dv = _backward(heads(q), joined(ks), joined(vs), offsets, heads(o), heads(lse), heads(do), mask, blocks)
-    cuts = [k.shape[2] for k in ks[:-1]]
-    return dq.reshape(q.shape), tuple(jnp.split(dk, cuts, axis=2)), tuple(jnp.split(dv, cuts, axis=2)), None
+    dq, dks, dvs = _backward(q, ks, vs, offsets, o, lse, do, mask, blocks)
+    return dq, dks, dvs, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -354,7 +400,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, offsets: jax.Array
     bq, bk = fit(blocks.q, t, 8), fit(blocks.k, s, 8)
     ks, vs = [k], [v]
     if canvas is not None:
-        if cache_size % bk:  # the canvas would start inside a block
+        if cache_size % bk or not cache_size:  # the canvas would start inside a block, or there is no cache
             ks, vs = [jnp.concatenate([k, canvas[0]], axis=2)], [jnp.concatenate([v, canvas[1]], axis=2)]
         else:
             ks, vs = [k, canvas[0]], [v, canvas[1]]

@@ -162,3 +162,50 @@ def test_attention_bench_runs_and_checks_the_kernel(capsys):
     assert len(timed) == 8 and {(r[1], r[3]) for r in timed} == {(p, i) for p in ("canvas", "causal")
                                                                    for i in ("xla", "pallas_gpu")}
     assert sum(line.startswith("fastest for ") for line in out.splitlines()) == 4
+
+
+def test_tpu_attention_bench_counts_the_blocks_that_move():
+    """bench/tpu_attention.py's count of the bytes a kernel's blocks move: a block moves when its
+    index differs from the previous grid step's; index maps that read a scalar-prefetch operand."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    from bench.tpu_attention import block_traffic
+
+    def kernel(scalars, x_ref, y_ref, o_ref):
+        o_ref[...] = x_ref[...] + y_ref[...]
+
+    spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1, grid=(2, 3),
+        in_specs=[pl.BlockSpec((8, 128), lambda i, j, s: (i, 0)),  # moves at each i: 2 times
+                  pl.BlockSpec((8, 128), lambda i, j, s: (jnp.minimum(j, s[0]), 0))],  # j = 0, 1, 1, 0, 1, 1: 4
+        out_specs=pl.BlockSpec((8, 128), lambda i, j, s: (i * 3 + j, 0)))  # every step: 6
+    call = pl.pallas_call(kernel, grid_spec=spec, out_shape=jax.ShapeDtypeStruct((48, 128), jnp.float32),
+                          interpret=True, name="add")
+    x = jax.ShapeDtypeStruct((16, 128), jnp.float32)
+    jaxpr = jax.make_jaxpr(call)(jax.ShapeDtypeStruct((1,), jnp.int32), x, x).jaxpr
+    block = 8 * 128 * 4
+    assert block_traffic(jaxpr, [jnp.array([1], jnp.int32)]) == [("add", (2, 3), (2 + 4 + 6) * block)]
+    assert block_traffic(jaxpr, [jnp.array([2], jnp.int32)]) == [("add", (2, 3), (2 + 6 + 6) * block)]
+
+
+def test_tpu_attention_bench_runs_for_v5e(capsys):
+    """bench/tpu_attention.py on a small config, compiled for v5e:2x4 (needs libtpu): a row per
+    layer type, pass and program, the gradient with the dq and dk/dv kernels."""
+    import importlib.util
+    import os
+
+    import pytest
+
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu (jax[tpu]) not installed")
+    from bench.tpu_attention import ROOT, main
+
+    assert main(["--config", os.path.join(ROOT, "configs", "model", "bench.py"), "--context", "256"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert {(r[0], r[1], r[2]) for r in rows} == {(layer, kind, program) for layer in ("sliding", "full")
+                                                  for kind in ("causal", "canvas")
+                                                  for program in ("forward", "gradient")}
+    assert all(float(r[4]) > 0 and "dkv" in r for r in rows if r[2] == "gradient")

@@ -76,6 +76,27 @@ def test_canvas_keys_read_in_place_match_the_concatenated_keys(b, t, s, n, kh, d
         np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-5 * float(jnp.abs(exp).max()))
 
 
+def test_canvas_keys_without_a_cache():
+    """``canvas=(k, v)`` with a cache of no slots: attention over the canvas alone, and its gradients."""
+    rng = np.random.default_rng(3)
+    q, do = (jnp.asarray(rng.standard_normal((2, 12, 4, 8)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((2, 2, 12, 8)), jnp.float32) for _ in range(2))
+    offsets, empty = jnp.zeros(2, jnp.int32), jnp.zeros((2, 2, 0, 8), jnp.float32)
+
+    def ours(q, k, v, empty):
+        out = flash_attention(q, empty, empty, offsets, kind="canvas", canvas=(k, v), blocks=Blocks(8, 8))
+        return jnp.sum(out * do)
+
+    def ref(q, k, v):
+        return jnp.sum(_reference(q, k, v, offsets, "canvas", None, 0) * do)
+
+    got = jax.grad(ours, (0, 1, 2, 3))(q, k, v, empty)
+    assert got[3].shape == empty.shape
+    np.testing.assert_allclose(ours(q, k, v, empty), ref(q, k, v), rtol=1e-5)
+    for g, want in zip(got, jax.grad(ref, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
 def test_bad_shapes_are_named():
     q = jnp.zeros((1, 4, 3, 8))
     with pytest.raises(ValueError, match="N a multiple of K"):
@@ -115,11 +136,43 @@ def test_the_grid_walks_exactly_the_visible_key_blocks(kind, window, cache_size,
         assert steps == 11 and blocks == 34
 
 
-@pytest.mark.parametrize("kh,d,window,grid", [(8, 256, 1024, (1, 8, 2, 11)), (2, 512, None, (1, 2, 2, 34))])
-def test_26b_forward_grid_runs_over_key_value_heads_and_visible_blocks(kh, d, window, grid):
-    """The 26B canvas pass at context 4,096 (16 query heads): one program per key/value head (its
-    query heads as one block's rows) and query block, walking only the visible key blocks (sliding
-    layers: 11 of 34). Before: (1, 16, 2, 34) on both layer kinds."""
+@pytest.mark.parametrize("kind,window,cache_size,num_keys,num_queries,bq,bk", [
+    ("causal", None, 0, 40, 16, 8, 8), ("causal", 8, 0, 48, 24, 8, 16), ("causal", 5, 0, 37, 13, 8, 8),
+    ("causal", 1024, 0, 2048, 2048, 128, 128),  # a 26B sliding layer encoding 2,048 tokens: 10 of 16 blocks
+    ("canvas", None, 24, 40, 16, 8, 8), ("canvas", 6, 32, 48, 16, 8, 8), ("canvas", 6, 30, 40, 13, 8, 8),
+])
+def test_the_dkv_grid_walks_exactly_the_query_blocks_that_see_a_key_block(kind, window, cache_size, num_keys,
+                                                                          num_queries, bq, bk):
+    """The dk/dv kernel's walk: for each key block, its real steps visit every query block the mask
+    lets see it, once, in order; the steps after them repeat the last one; no more than ``query_steps``."""
+    mask = Mask(kind, window, cache_size, num_keys)
+    blocks, q_blocks = -(-num_keys // bk), -(-num_queries // bq)
+    steps = mask.query_steps(bq, bk, q_blocks)
+    for offset in range(0, (cache_size or num_keys) + 1, 3 if num_keys < 1000 else 256):
+        for ki in range(blocks):
+            walk = [tuple(int(x) for x in mask.query_block(offset, ki, j, bq, bk, q_blocks)) for j in range(steps)]
+            real = [block for block, is_real in walk if is_real]
+            want = [i for i in range(q_blocks)
+                    if mask.block_visible(offset, i * bq, (i + 1) * bq, ki * bk, (ki + 1) * bk)]
+            assert real == want, (offset, ki, walk)
+            assert all(not is_real and block == walk[len(real) - 1 if real else 0][0]
+                       for block, is_real in walk[len(real):])
+            assert all(0 <= block < q_blocks for block, _ in walk)
+    if window == 1024:
+        assert steps == 10
+
+
+@pytest.mark.parametrize("kh,d,window,grids_", [
+    (8, 256, 1024, [(1, 8, 2, 11), (1, 8, 2, 11), (1, 8, 34, 2)]),
+    (2, 512, None, [(1, 2, 2, 34), (1, 2, 2, 34), (1, 2, 34, 2)]),
+])
+def test_26b_grids_run_over_key_value_heads_and_visible_blocks(kh, d, window, grids_):
+    """The 26B canvas pass at context 4,096 (16 query heads) and its gradient: one program per
+    key/value head (its query heads as one block's rows), the forward and dq kernels walking a query
+    block's visible key blocks (sliding layers: 11 of 34); the dk/dv kernel writes each key/value
+    head's gradients of the cache and the canvas keys where they are. Before: (1, 16, 2, 34) on both
+    layer kinds for the forward and dq, (1, 16, 34, 2) for dk/dv, the keys concatenated for the
+    backward and the per-query-head gradients summed afterwards."""
     q = jax.ShapeDtypeStruct((1, 256, 16, d), jnp.bfloat16)
     cache, canvas = (jax.ShapeDtypeStruct((1, kh, size, d), jnp.bfloat16) for size in (4096, 256))
 
@@ -136,4 +189,16 @@ def test_26b_forward_grid_runs_over_key_value_heads_and_visible_blocks(kh, d, wi
                 if hasattr(inner, "eqns"):
                     yield from grids(inner)
 
-    assert list(grids(jax.make_jaxpr(attention)(q, cache, cache, canvas, canvas).jaxpr)) == [grid]
+    def primitives(jaxpr):
+        for e in jaxpr.eqns:
+            yield e.primitive.name
+            for inner in e.params.values():
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    yield from primitives(inner)
+
+    gradient = jax.grad(lambda *a: jnp.sum(attention(*a).astype(jnp.float32)), (0, 1, 2, 3, 4))
+    assert list(grids(jax.make_jaxpr(attention)(q, cache, cache, canvas, canvas).jaxpr)) == grids_[:1]
+    jaxpr = jax.make_jaxpr(gradient)(q, cache, cache, canvas, canvas).jaxpr
+    assert list(grids(jaxpr)) == grids_
+    assert "concatenate" not in set(primitives(jaxpr))
