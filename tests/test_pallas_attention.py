@@ -162,11 +162,11 @@ def test_the_dkv_grid_walks_exactly_the_query_blocks_that_see_a_key_block(kind, 
         assert steps == 10
 
 
-@pytest.mark.parametrize("kh,d,window,grids_", [
+@pytest.mark.parametrize("kh,d,window,want", [
     (8, 256, 1024, [(1, 8, 2, 11), (1, 8, 2, 11), (1, 8, 34, 2)]),
     (2, 512, None, [(1, 2, 2, 34), (1, 2, 2, 34), (1, 2, 34, 2)]),
 ])
-def test_26b_grids_run_over_key_value_heads_and_visible_blocks(kh, d, window, grids_):
+def test_26b_grids_run_over_key_value_heads_and_visible_blocks(kh, d, window, want):
     """The 26B canvas pass at context 4,096 (16 query heads) and its gradient: one program per
     key/value head (its query heads as one block's rows), the forward and dq kernels walking a query
     block's visible key blocks (sliding layers: 11 of 34); the dk/dv kernel writes each key/value
@@ -180,25 +180,19 @@ def test_26b_grids_run_over_key_value_heads_and_visible_blocks(kh, d, window, gr
         return flash_attention(q, kc, vc, jnp.array([4096], jnp.int32), kind="canvas", window=window,
                                canvas=(kn, vn), blocks=Blocks(128, 128, interpret=True))
 
-    def grids(jaxpr):  # of the pallas_calls, also inside the custom VJP's jaxpr
+    def eqns(jaxpr):  # also those inside the custom VJP's and the pallas_calls' jaxprs
         for e in jaxpr.eqns:
-            if e.primitive.name == "pallas_call":
-                yield tuple(e.params["grid_mapping"].grid)
+            yield e
             for inner in e.params.values():
                 inner = getattr(inner, "jaxpr", inner)
                 if hasattr(inner, "eqns"):
-                    yield from grids(inner)
+                    yield from eqns(inner)
 
-    def primitives(jaxpr):
-        for e in jaxpr.eqns:
-            yield e.primitive.name
-            for inner in e.params.values():
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns"):
-                    yield from primitives(inner)
+    def grids(jaxpr):
+        return [tuple(e.params["grid_mapping"].grid) for e in eqns(jaxpr) if e.primitive.name == "pallas_call"]
 
     gradient = jax.grad(lambda *a: jnp.sum(attention(*a).astype(jnp.float32)), (0, 1, 2, 3, 4))
-    assert list(grids(jax.make_jaxpr(attention)(q, cache, cache, canvas, canvas).jaxpr)) == grids_[:1]
+    assert grids(jax.make_jaxpr(attention)(q, cache, cache, canvas, canvas).jaxpr) == want[:1]
     jaxpr = jax.make_jaxpr(gradient)(q, cache, cache, canvas, canvas).jaxpr
-    assert list(grids(jaxpr)) == grids_
-    assert "concatenate" not in set(primitives(jaxpr))
+    assert grids(jaxpr) == want
+    assert "concatenate" not in {e.primitive.name for e in eqns(jaxpr)}
