@@ -184,10 +184,11 @@ def _forward_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_blo
         lse_ref[...] = (m_sc[...] + jnp.log(l_sc[...])).reshape(lse_ref.shape)
 
 
-def _score_grads(mask, offset, q_ref, k, v, do_ref, lse_ref, di_ref, qi, ki, bq, bk):
-    """One block's probabilities and score gradients, float32 [G * bq, bk] each (masked -> 0)."""
-    p = jnp.exp(_scores(mask, offset, _rows(q_ref), k, qi, ki, bq, bk) - _rows(lse_ref))
-    dp = jax.lax.dot_general(_rows(do_ref), v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+def _score_grads(mask, offset, q, k, v, do, lse_ref, di_ref, qi, ki, bq, bk):
+    """One block's probabilities and score gradients, float32 [G * bq, bk] each (masked -> 0), from
+    the rows q, do [G * bq, D] and the row statistics' refs."""
+    p = jnp.exp(_scores(mask, offset, q, k, qi, ki, bq, bk) - _rows(lse_ref))
+    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return p, p * (dp - _rows(di_ref))
 
 
@@ -206,8 +207,8 @@ def _dq_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_blocks: 
     @pl.when(real)
     def _():
         k = _tile(k_refs, ki, cache_blocks)
-        _, ds = _score_grads(mask, offset, q_ref, k, _tile(v_refs, ki, cache_blocks), do_ref, lse_ref, di_ref,
-                             qi, ki, bq, bk)
+        _, ds = _score_grads(mask, offset, _rows(q_ref), k, _tile(v_refs, ki, cache_blocks), _rows(do_ref),
+                             lse_ref, di_ref, qi, ki, bq, bk)
         dq_sc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     @pl.when(step == pl.num_programs(3) - 1)
@@ -233,8 +234,8 @@ def _dkv_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_q_block
     @pl.when(real)
     def _():
         q, do = _rows(q_ref), _rows(do_ref)
-        p, ds = _score_grads(mask, offset, q_ref, _tile(k_refs, ki, cache_blocks), _tile(v_refs, ki, cache_blocks),
-                             do_ref, lse_ref, di_ref, qi, ki, bq, bk)
+        p, ds = _score_grads(mask, offset, q, _tile(k_refs, ki, cache_blocks), _tile(v_refs, ki, cache_blocks), do,
+                             lse_ref, di_ref, qi, ki, bq, bk)
         transpose = (((0,), (0,)), ((), ()))
         dv_sc[...] += jax.lax.dot_general(p.astype(do.dtype), do, transpose, preferred_element_type=jnp.float32)
         dk_sc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, transpose, preferred_element_type=jnp.float32)
