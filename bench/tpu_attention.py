@@ -4,6 +4,7 @@ moves per chip. No TPU here, so nothing is timed: bytes over v5e's 819 GB/s boun
 
     PYTHONPATH=. python bench/tpu_attention.py                          # 26B-A4B on v5e:2x4, context 2,048
     PYTHONPATH=. python bench/tpu_attention.py --context 4096 --programs forward
+    PYTHONPATH=. python bench/tpu_attention.py --passes canvas --q-block 128 --k-block 128   # other blocks
 
 For each layer type of ``--config`` (sliding, full) and pass (``canvas``: the denoising pass over
 ``--context`` filled cache slots and a canvas; ``causal``: the encoder pass over ``--context`` tokens,
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
                    help="filled cache slots (canvas pass) or tokens encoded (causal pass)")
     p.add_argument("--passes", default="causal,canvas")
     p.add_argument("--programs", default="forward,gradient")
+    p.add_argument("--q-block", type=int, default=None, help="the kernels' query block (default: theirs)")
+    p.add_argument("--k-block", type=int, default=None, help="the kernels' key block (default: theirs)")
     args = p.parse_args(argv)
 
     import jax
@@ -91,7 +94,8 @@ def main(argv=None) -> int:
     devices = topology_devices(args.topology)
     mesh = make_mesh({"data": len(devices)}, devices)
     b, length, n = len(devices), config.canvas_length, config.num_heads
-    blocks = Blocks(interpret=False)  # the Mosaic kernels alone in the traced program (it is compiled for TPU)
+    sizes = {name: size for name, size in (("q", args.q_block), ("k", args.k_block)) if size is not None}
+    blocks = Blocks(interpret=False, **sizes)  # the Mosaic kernels alone in the traced program (compiled for TPU)
     print(f"config {os.path.relpath(args.config, ROOT)} | bf16 | {args.topology}, one row per chip | context "
           f"{args.context} | GB per chip; time bound at {V5E_BANDWIDTH / 1e9:.0f} GB/s")
     print(f"{'layer':>8}{'pass':>8}{'program':>10}{'xla GB':>9}{'pallas GB':>11}{'(around':>9}{'+ kernels)':>11}"

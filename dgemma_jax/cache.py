@@ -10,6 +10,20 @@ import jax.numpy as jnp
 from dgemma_jax.config import ModelConfig
 
 
+KEY_BLOCK = 256  # slots: a multiple of the attention kernels' key blocks (TPU: 256, GPU: 64 or 32)
+
+
+def cache_capacity(config: ModelConfig, positions: int) -> int:
+    """Cache slots for ``positions`` tokens. With an attention kernel (``attention_impl`` ``pallas``
+    or ``pallas_gpu``) rounded up to whole ``KEY_BLOCK`` blocks: the kernels take such a cache as it
+    is (one that ends inside a key block is padded, on TPU in the canvas pass also concatenated with
+    the canvas keys: a copy of every layer's cache on every pass), and never visit the slots past
+    the tokens. XLA's attention attends over every slot, so it gets exactly ``positions``."""
+    if config.attention_impl in ("pallas", "pallas_gpu"):
+        return -(-positions // KEY_BLOCK) * KEY_BLOCK
+    return positions
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:

@@ -33,7 +33,7 @@ from flax import nnx
 
 from dgemma_jax import sampling
 from dgemma_jax.api import Model, _as_tokens, prompt_bucket
-from dgemma_jax.cache import KVCache
+from dgemma_jax.cache import KVCache, cache_capacity
 from dgemma_jax.model import LOGITS_AXES
 from dgemma_jax.sampling import SamplerConfig, SamplerParams
 from dgemma_jax.sharding import constrain
@@ -155,7 +155,7 @@ def generate(model: Model, prompt_ids, max_new_tokens: int | None = None, seed: 
     if eos_token_ids is not None:
         eos_ids = [int(e) for e in eos_token_ids]
 
-    capacity = packed.shape[1] + n_canvases * length
+    capacity = cache_capacity(config, packed.shape[1] + n_canvases * length)
     t0 = time.perf_counter()
     cache = _prefill(model.graphdef, model.state, packed, num_valid, capacity)
     jax.block_until_ready(cache)

@@ -124,12 +124,30 @@ class Mask:
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-    """Block sizes along queries and keys; ``interpret``: None = the Mosaic kernel where the program
-    is lowered for TPU, interpreted elsewhere."""
+    """Block sizes along queries and keys, and the scoped VMEM the kernels may take (MiB; None:
+    Mosaic's default, 16 MiB on v5e); a size left None is the pass's default (``PASS_BLOCKS``).
+    ``interpret``: None = the Mosaic kernel where the program is lowered for TPU, interpreted
+    elsewhere."""
 
-    q: int = 128
-    k: int = 128
+    q: int | None = None
+    k: int | None = None
+    vmem_mib: int | None = None
     interpret: bool | None = None
+
+    def for_pass(self, kind: str) -> "Blocks":
+        """These blocks, the sizes left None taken from ``PASS_BLOCKS[kind]``."""
+        if kind not in PASS_BLOCKS:
+            raise ValueError(f"mask kind {kind!r}: expected 'causal' or 'canvas'")
+        default = PASS_BLOCKS[kind]
+        return dataclasses.replace(self, **{f: getattr(default, f) for f in ("q", "k", "vmem_mib")
+                                            if getattr(self, f) is None})
+
+
+# Chosen by the bytes that bench/tpu_attention.py counts at the 26B layers' shapes on v5e (docs/scaling.md):
+# 256 x 256 blocks read each key tile half as often as 128 x 128 ones (a canvas pass's query block is its
+# whole canvas: each key tile is read once) in half the grid steps. On a full layer (8 query heads of
+# 512 per key/value head) the encoder pass's kernels then need 24-32 MiB of VMEM, of v5e's 128.
+PASS_BLOCKS = {"causal": Blocks(256, 256, vmem_mib=32), "canvas": Blocks(256, 256)}
 
 
 def _scores(mask: Mask, offset, q, k, qi, ki, bq, bk):
@@ -258,7 +276,9 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, blocks: Blocks,
         out_shape=out_shape,
         grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
                                                out_specs=out_specs, scratch_shapes=scratch),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", axis2, "arbitrary")),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", axis2, "arbitrary"),
+            vmem_limit_bytes=None if blocks.vmem_mib is None else blocks.vmem_mib * 2**20),
         platform="tpu",
         interpret=blocks.interpret,
         name=name,
@@ -398,6 +418,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, offsets: jax.Array
     s = k.shape[2] + (0 if canvas is None else canvas[0].shape[2])
     if kind == "canvas" and not 0 <= cache_size <= s:
         raise ValueError(f"flash_attention: cache_size={cache_size} outside the {s} keys")
+    blocks = blocks.for_pass(kind)
     bq, bk = fit(blocks.q, t, 8), fit(blocks.k, s, 8)
     ks, vs = [k], [v]
     if canvas is not None:

@@ -110,6 +110,25 @@ def test_batch_matches_transformers(checkpoint, model, monkeypatch):
     assert len(set(canvases_run.tolist())) > 1  # rows finished after different canvases (then ran frozen)
 
 
+def test_attention_kernel_generate_matches_transformers(checkpoint, monkeypatch):
+    """With the TPU attention kernel (interpret mode here) the cache is rounded up to whole key
+    blocks (``cache_capacity``: 256 slots for 5 prompt tokens and two canvases), which the kernel
+    takes without padding it or concatenating it with the canvas keys; the slots past the tokens
+    change nothing."""
+    hf, path = checkpoint
+    kernel = dgemma_jax.from_pretrained(path, dtype="float32", attention_impl="pallas")
+    capacities = []
+    prefill = gen._prefill
+    monkeypatch.setattr(gen, "_prefill", lambda *a: capacities.append(a[-1]) or prefill(*a))
+    prompt = np.random.default_rng(2).integers(8, VOCAB, (2, 5))
+    ours = dgemma_jax.generate(kernel, prompt, max_new_tokens=2 * CANVAS, seed=6)
+    monkeypatch.undo()
+    assert capacities == [256]
+    want, want_tpf = transformers_generate(hf, prompt, 6, 2 * CANVAS, monkeypatch)
+    np.testing.assert_array_equal(ours.sequences[:, :want.shape[1]], want)
+    np.testing.assert_allclose(ours.tokens_per_forward, want_tpf, rtol=1e-6)
+
+
 # ---- our own properties, at the default sampling temperature -----------------------------------
 SAMPLING = dict(t_min=0.4, t_max=0.8, max_denoising_steps=8)
 

@@ -2,6 +2,8 @@
 masks: forward and gradients, causal / sliding / canvas / full, partly filled caches, ragged
 block shapes, grouped-query heads."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,10 @@ CASES = [  # (kind, B, T, S, N, K, D, offsets, window, cache_size, blocks)
     ("causal", 1, 13, 37, 2, 1, 8, [11], 5, 0, Blocks(8, 8)),  # ragged: padded queries and keys
     ("canvas", 2, 13, 37, 4, 2, 8, [0, 24], 9, 24, Blocks(8, 8)),
     ("canvas", 2, 10, 35, 2, 1, 8, [19, 25], None, 25, Blocks(8, 8)),  # a key block holds cache and canvas
+    # each pass's default blocks (256 x 256; the canvas pass's query block is the whole canvas)
+    ("causal", 1, 520, 520, 4, 2, 8, [0], 300, 0, Blocks()),
+    ("canvas", 2, 256, 768, 4, 2, 8, [0, 300], None, 512, Blocks()),
+    ("canvas", 1, 256, 768, 2, 1, 8, [400], 300, 512, Blocks()),
 ]
 
 
@@ -97,6 +103,13 @@ def test_canvas_keys_without_a_cache():
         np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
 
+def test_blocks_left_unset_take_the_pass_defaults():
+    assert Blocks(q=64).for_pass("causal") == Blocks(64, 256, vmem_mib=32)
+    assert Blocks(k=128, interpret=True).for_pass("canvas") == Blocks(256, 128, interpret=True)
+    with pytest.raises(ValueError, match="mask kind 'decoder'"):
+        Blocks().for_pass("decoder")
+
+
 def test_bad_shapes_are_named():
     q = jnp.zeros((1, 4, 3, 8))
     with pytest.raises(ValueError, match="N a multiple of K"):
@@ -162,23 +175,26 @@ def test_the_dkv_grid_walks_exactly_the_query_blocks_that_see_a_key_block(kind, 
         assert steps == 10
 
 
-@pytest.mark.parametrize("kh,d,window,want", [
-    (8, 256, 1024, [(1, 8, 2, 11), (1, 8, 2, 11), (1, 8, 34, 2)]),
-    (2, 512, None, [(1, 2, 2, 34), (1, 2, 2, 34), (1, 2, 34, 2)]),
+@pytest.mark.parametrize("kh,d,window,blocks,want", [
+    (8, 256, 1024, Blocks(128, 128), [(1, 8, 2, 11), (1, 8, 2, 11), (1, 8, 34, 2)]),
+    (2, 512, None, Blocks(128, 128), [(1, 2, 2, 34), (1, 2, 2, 34), (1, 2, 34, 2)]),
+    (8, 256, 1024, Blocks(), [(1, 8, 1, 6), (1, 8, 1, 6), (1, 8, 17, 1)]),  # the canvas pass's default blocks
+    (2, 512, None, Blocks(), [(1, 2, 1, 17), (1, 2, 1, 17), (1, 2, 17, 1)]),
 ])
-def test_26b_grids_run_over_key_value_heads_and_visible_blocks(kh, d, window, want):
+def test_26b_grids_run_over_key_value_heads_and_visible_blocks(kh, d, window, blocks, want):
     """The 26B canvas pass at context 4,096 (16 query heads) and its gradient: one program per
     key/value head (its query heads as one block's rows), the forward and dq kernels walking a query
-    block's visible key blocks (sliding layers: 11 of 34); the dk/dv kernel writes each key/value
-    head's gradients of the cache and the canvas keys where they are. Before: (1, 16, 2, 34) on both
-    layer kinds for the forward and dq, (1, 16, 34, 2) for dk/dv, the keys concatenated for the
-    backward and the per-query-head gradients summed afterwards."""
+    block's visible key blocks (sliding layers: 11 of 34 with 128-key blocks); the dk/dv kernel writes
+    each key/value head's gradients of the cache and the canvas keys where they are. Before:
+    (1, 16, 2, 34) on both layer kinds for the forward and dq, (1, 16, 34, 2) for dk/dv, the keys
+    concatenated for the backward and the per-query-head gradients summed afterwards. The default
+    blocks hold the whole canvas as one query block, and 256 keys."""
     q = jax.ShapeDtypeStruct((1, 256, 16, d), jnp.bfloat16)
     cache, canvas = (jax.ShapeDtypeStruct((1, kh, size, d), jnp.bfloat16) for size in (4096, 256))
 
     def attention(q, kc, vc, kn, vn):
         return flash_attention(q, kc, vc, jnp.array([4096], jnp.int32), kind="canvas", window=window,
-                               canvas=(kn, vn), blocks=Blocks(128, 128, interpret=True))
+                               canvas=(kn, vn), blocks=dataclasses.replace(blocks, interpret=True))
 
     def eqns(jaxpr):  # also those inside the custom VJP's and the pallas_calls' jaxprs
         for e in jaxpr.eqns:

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from dgemma_jax.api import Model, prompt_bucket
-from dgemma_jax.cache import KVCache
+from dgemma_jax.cache import KVCache, cache_capacity
 from dgemma_jax.generation import (FREE, CanvasRows, _denoise_and_commit, _eos_and_pad, eos_rows,
                                    registered_step_hook, row_keys_from_seeds)
 from dgemma_jax.layouts import WEIGHT_LAYOUTS, place_for_loop
@@ -168,7 +168,7 @@ class Engine:
         self.canvas_length = mc.canvas_length
         self.max_canvases = -(-config.max_new_tokens // mc.canvas_length)
         self.prompt_capacity = prompt_bucket(config.max_prompt_tokens)
-        self.capacity = self.prompt_capacity + self.max_canvases * mc.canvas_length
+        self.capacity = cache_capacity(mc, self.prompt_capacity + self.max_canvases * mc.canvas_length)
         self.default_sampler = SamplerConfig.from_generation_config(model.generation_config)
         self.eos_ids, self.pad_id = _eos_and_pad(model.generation_config, mc)
         self._eos_width = max(len(self.eos_ids), 1)
