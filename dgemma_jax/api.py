@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dgemma_jax import checkpoint, native, quant
-from dgemma_jax.cache import KVCache
+from dgemma_jax.cache import KVCache, cache_capacity
 from dgemma_jax.config import ModelConfig, load_hf_config
 from dgemma_jax.layers import host_init
 from dgemma_jax.model import DiffusionGemma
@@ -155,7 +155,7 @@ def _as_tokens(x, name: str) -> np.ndarray:
 @functools.partial(jax.jit, static_argnums=0)
 def _canvas_logits(graphdef, state, prompt, num_valid, canvas, sc_logits, sc_mask):
     model = nnx.merge(graphdef, state)
-    cache = KVCache.create(model.config, prompt.shape[0], prompt.shape[1], model.dtype)
+    cache = KVCache.create(model.config, prompt.shape[0], cache_capacity(model.config, prompt.shape[1]), model.dtype)
     _, cache = model.encode(prompt, cache, num_valid)
     return model.denoise(canvas, cache, sc_logits, sc_mask)
 
@@ -163,7 +163,7 @@ def _canvas_logits(graphdef, state, prompt, num_valid, canvas, sc_logits, sc_mas
 @functools.partial(jax.jit, static_argnums=0)
 def _encoder_logits(graphdef, state, prompt, num_valid):
     model = nnx.merge(graphdef, state)
-    cache = KVCache.create(model.config, prompt.shape[0], prompt.shape[1], model.dtype)
+    cache = KVCache.create(model.config, prompt.shape[0], cache_capacity(model.config, prompt.shape[1]), model.dtype)
     hidden, _ = model.encode(prompt, cache, num_valid)
     return model.logits(hidden)
 
