@@ -171,9 +171,9 @@ def _rows(ref):
 
 
 def _forward_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_blocks: int, cache_blocks: int,
-                    parts: int):
+                    parts: int, with_lse: bool):
     k_refs, v_refs = refs[:parts], refs[parts:2 * parts]
-    o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[2 * parts:]
+    o_ref, *lse_ref, m_sc, l_sc, acc_sc = refs[2 * parts:]
     b, qi, step = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     offset = offsets[b]
     ki, real = mask.key_block(offset, qi, step, bq, bk, num_blocks)
@@ -199,7 +199,8 @@ def _forward_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_blo
     @pl.when(step == pl.num_programs(3) - 1)
     def _():
         o_ref[...] = (acc_sc[...] / l_sc[...]).reshape(o_ref.shape).astype(o_ref.dtype)
-        lse_ref[...] = (m_sc[...] + jnp.log(l_sc[...])).reshape(lse_ref.shape)
+        if with_lse:
+            lse_ref[0][...] = (m_sc[...] + jnp.log(l_sc[...])).reshape(lse_ref[0].shape)
 
 
 def _score_grads(mask, offset, q, k, v, do, lse_ref, di_ref, qi, ki, bq, bk):
@@ -320,24 +321,27 @@ def _walking_keys(mask: Mask, group: int, bq: int, bk: int, d: int, parts):
     return (lambda width: _row_spec(group, bq, width, lambda offset, i, j: i)), _key_specs(bk, d, parts, walked)
 
 
-def _forward(q, ks, vs, offsets, mask: Mask, blocks: Blocks):
+def _forward(q, ks, vs, offsets, mask: Mask, blocks: Blocks, with_lse: bool = True):
     """q [B, K, G, Tp, D] (each key/value head's G query heads); ks/vs: the keys/values [B, K, Sp, D]
     as one array, or as the cache's and the canvas's, each padded to whole blocks
-    -> (o [B, K, G, Tp, D], lse [B, K, G, Tp, 1]). A program holds all G query heads of its
-    key/value head, so each key and value tile is fetched once per query block, not once per head."""
+    -> (o [B, K, G, Tp, D], lse [B, K, G, Tp, 1], or None without ``with_lse``: a forward that
+    nothing differentiates does not write it, [.., 1] float32 rows that HBM pads to 128 lanes). A
+    program holds all G query heads of its key/value head, so each key and value tile is fetched
+    once per query block, not once per head."""
     b, kh, group, t, d = q.shape
     bq, bk = blocks.q, blocks.k
     parts = _parts(ks, bk)
     num_blocks, cache_blocks = parts[-1][1], parts[0][1]
     rows, keys = _walking_keys(mask, group, bq, bk, d, parts)
     scratch = [pltpu.VMEM((group * bq, 1), jnp.float32)] * 2 + [pltpu.VMEM((group * bq, d), jnp.float32)]
-    return _call(
+    lse = [jax.ShapeDtypeStruct((b, kh, group, t, 1), jnp.float32)] if with_lse else []
+    out = _call(
         functools.partial(_forward_kernel, mask=mask, bq=bq, bk=bk, num_blocks=num_blocks,
-                          cache_blocks=cache_blocks, parts=len(parts)),
+                          cache_blocks=cache_blocks, parts=len(parts), with_lse=with_lse),
         (b, kh, t // bq, mask.key_steps(bq, bk, num_blocks)),
-        [rows(d)] + keys * 2, [rows(d), rows(1)],
-        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, kh, group, t, 1), jnp.float32)],
+        [rows(d)] + keys * 2, [rows(d)] + [rows(1)] * len(lse), [jax.ShapeDtypeStruct(q.shape, q.dtype)] + lse,
         scratch, blocks, "flash_attention_fwd", offsets, q, *ks, *vs)
+    return out[0], (out[1] if with_lse else None)
 
 
 def _backward(q, ks, vs, offsets, o, lse, do, mask: Mask, blocks: Blocks):
@@ -377,7 +381,7 @@ def _backward(q, ks, vs, offsets, o, lse, do, mask: Mask, blocks: Blocks):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _attention(q, ks, vs, offsets, mask: Mask, blocks: Blocks):
-    return _forward(q, ks, vs, offsets, mask, blocks)[0]
+    return _forward(q, ks, vs, offsets, mask, blocks, with_lse=False)[0]
 
 
 def _attention_fwd(q, ks, vs, offsets, mask, blocks):
