@@ -152,19 +152,24 @@ def _as_tokens(x, name: str) -> np.ndarray:
     return arr.astype(np.int32)
 
 
+def _encode_prompt(model: DiffusionGemma, prompt, num_valid):
+    """``model.encode`` of the bucketed prompt [B, T] into a fresh cache for its T positions
+    (``cache_capacity``) -> (hidden [B, T, H], cache)."""
+    cache = KVCache.create(model.config, prompt.shape[0], cache_capacity(model.config, prompt.shape[1]), model.dtype)
+    return model.encode(prompt, cache, num_valid)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _canvas_logits(graphdef, state, prompt, num_valid, canvas, sc_logits, sc_mask):
     model = nnx.merge(graphdef, state)
-    cache = KVCache.create(model.config, prompt.shape[0], cache_capacity(model.config, prompt.shape[1]), model.dtype)
-    _, cache = model.encode(prompt, cache, num_valid)
+    _, cache = _encode_prompt(model, prompt, num_valid)
     return model.denoise(canvas, cache, sc_logits, sc_mask)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _encoder_logits(graphdef, state, prompt, num_valid):
     model = nnx.merge(graphdef, state)
-    cache = KVCache.create(model.config, prompt.shape[0], cache_capacity(model.config, prompt.shape[1]), model.dtype)
-    hidden, _ = model.encode(prompt, cache, num_valid)
+    hidden, _ = _encode_prompt(model, prompt, num_valid)
     return model.logits(hidden)
 
 

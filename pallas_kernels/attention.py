@@ -171,9 +171,9 @@ def _rows(ref):
 
 
 def _forward_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_blocks: int, cache_blocks: int,
-                    parts: int, with_lse: bool):
+                    parts: int):
     k_refs, v_refs = refs[:parts], refs[parts:2 * parts]
-    o_ref, *lse_ref, m_sc, l_sc, acc_sc = refs[2 * parts:]
+    o_ref, *lse_refs, m_sc, l_sc, acc_sc = refs[2 * parts:]  # the log-sum-exp's ref, or none (``_forward``)
     b, qi, step = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     offset = offsets[b]
     ki, real = mask.key_block(offset, qi, step, bq, bk, num_blocks)
@@ -199,8 +199,8 @@ def _forward_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_blo
     @pl.when(step == pl.num_programs(3) - 1)
     def _():
         o_ref[...] = (acc_sc[...] / l_sc[...]).reshape(o_ref.shape).astype(o_ref.dtype)
-        if with_lse:
-            lse_ref[0][...] = (m_sc[...] + jnp.log(l_sc[...])).reshape(lse_ref[0].shape)
+        for lse_ref in lse_refs:
+            lse_ref[...] = (m_sc[...] + jnp.log(l_sc[...])).reshape(lse_ref.shape)
 
 
 def _score_grads(mask, offset, q, k, v, do, lse_ref, di_ref, qi, ki, bq, bk):
@@ -337,7 +337,7 @@ def _forward(q, ks, vs, offsets, mask: Mask, blocks: Blocks, with_lse: bool = Tr
     lse = [jax.ShapeDtypeStruct((b, kh, group, t, 1), jnp.float32)] if with_lse else []
     out = _call(
         functools.partial(_forward_kernel, mask=mask, bq=bq, bk=bk, num_blocks=num_blocks,
-                          cache_blocks=cache_blocks, parts=len(parts), with_lse=with_lse),
+                          cache_blocks=cache_blocks, parts=len(parts)),
         (b, kh, t // bq, mask.key_steps(bq, bk, num_blocks)),
         [rows(d)] + keys * 2, [rows(d)] + [rows(1)] * len(lse), [jax.ShapeDtypeStruct(q.shape, q.dtype)] + lse,
         scratch, blocks, "flash_attention_fwd", offsets, q, *ks, *vs)
