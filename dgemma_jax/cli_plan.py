@@ -27,8 +27,8 @@ def add_parsers(sub) -> None:
         description="Ahead-of-time compile the canvas step, the denoising loop and a LoRA train step with "
                     "abstract weights (nothing is allocated), for a TPU topology (needs jax[tpu]; no TPU), "
                     "H100s (needs jax's CUDA plugin; no GPU) or this machine's devices, and print per-chip "
-                    "memory, XLA's cost estimate, the weight-read floor, the communication volume and the "
-                    "device programs launched per pass.")
+                    "memory, XLA's cost estimate, the weight-read floor, the communication volume, the "
+                    "device programs launched per pass and, on GPU, the CUDA graphs they run in.")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="a configs/model/*.py file "
                    "(default: the 26B-A4B config)")
     p.add_argument("--topology", default=None, help="topology to compile for: TPU v5e:2x4, v5e:4x4, v5e:8x8, or "

@@ -2,10 +2,12 @@
 
 The parameters, the KV cache and the inputs are ``jax.ShapeDtypeStruct`` s carrying the shardings
 the model's rules give them on the mesh, so nothing is allocated. The mesh is either real devices
-or a TPU topology (``jax.experimental.topologies``; needs ``jax[tpu]``'s libtpu, no TPU), e.g.
-``v5e:2x4``. For each program, XLA reports per-chip memory (``memory_analysis``) and its cost model
+or compile-only ones (``jax.experimental.topologies``): a TPU topology such as ``v5e:2x4`` (needs
+``jax[tpu]``'s libtpu, no TPU) or H100s (``h100``; needs jax's CUDA plugin and ptxas, no GPU). For
+each program, XLA reports per-chip memory (``memory_analysis``) and its cost model
 (``cost_analysis``: flops, bytes accessed and, on TPU, estimated seconds); the collectives in the
-compiled HLO give the communication volume per chip.
+compiled HLO give the communication volume per chip. For a GPU, XLA's thunk sequence tells how many
+CUDA graphs a pass runs and what the host launches outside them (``cuda_graphs``).
 
 Programs: ``canvas`` (one denoising forward pass of a canvas over the cache), ``loop`` (a canvas's
 whole denoising loop and its commit, as ``generate`` runs it, with ``steps`` passes; the weights in
@@ -21,7 +23,9 @@ import contextlib
 import dataclasses
 import importlib.util
 import re
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +50,8 @@ _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = .*? ([a-z][a-z0-9\-]*)\((.*)$")
 _NOT_LAUNCHED = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
                  "replica-id", "opt-barrier", "add-dependency"}  # and the "-done" halves of async ops
+_THUNK = re.compile(r"^( *)\d+: (k\w+)")  # a line of XLA's GPU thunk sequence dump
+_LABEL = re.compile(r"^\s*(\w+):\s*$")  # "condition:", "body:", "branch_0:", ...
 PALLAS_TARGETS = ("tpu_custom_call", "__gpu$xla.gpu.triton")  # Mosaic (TPU) and Triton (GPU) kernels
 
 
@@ -69,6 +75,8 @@ class PlanRow:
     compile_s: float
     launches: int = 0  # device programs (fusions, custom calls, other ops) run per pass; a loop body once
     pallas_kernels: int = 0  # of which Pallas kernels (Mosaic on TPU, Triton on GPU)
+    graphs: int | None = None  # GPU: CUDA graphs (XLA command buffers) run per pass; None elsewhere
+    outside_graphs: int | None = None  # GPU: device work launched per pass outside them, and host round trips
     error: str | None = None  # why it did not compile (e.g. XLA: out of HBM); the numbers are then 0
 
 
@@ -163,6 +171,63 @@ def _collective_bytes(hlo: str) -> int:
         for dt, dims in _SHAPE.findall(match.group(1)):
             total += _BYTES[dt] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
     return total
+
+
+def _compile(lowered, gpu: bool):
+    """-> (compiled program, XLA's thunk sequence for a GPU program, else None). The sequence, with
+    the CUDA graphs XLA groups its kernels into, is only written to XLA's dump files, so a GPU
+    program is compiled with a dump to a temporary folder."""
+    if not gpu:
+        return lowered.compile(), None
+    with tempfile.TemporaryDirectory() as folder:
+        compiled = lowered.compile(compiler_options={"xla_dump_to": folder})
+        dumps = sorted(Path(folder).glob("*thunk_sequence_after_thunk_passes.txt"))
+        return compiled, dumps[-1].read_text() if dumps else None
+
+
+def cuda_graphs(thunks: str) -> tuple[int, int]:
+    """-> (CUDA graphs, thunks outside them) run per pass, from XLA's thunk sequence of a GPU program
+    (the dump ``*.thunk_sequence_after_thunk_passes.txt``). A ``kCommandBuffer`` is one CUDA graph,
+    launched whole; every other thunk the host launches on its own, and a ``kWhile`` or
+    ``kConditional`` waits for the device to tell it its predicate. A loop body counts once, a
+    conditional its largest branch (as in ``launches``)."""
+    lines = []  # (indent, thunk kind) or (None, label of a loop part or branch)
+    for line in thunks.splitlines():
+        if (thunk := _THUNK.match(line)) is not None:
+            lines.append((len(thunk.group(1)), thunk.group(2)))
+        elif (label := _LABEL.match(line)) is not None:
+            lines.append((None, label.group(1)))
+
+    def next_depth(i: int) -> int:
+        """The indent of the first thunk from lines[i] on (-1 at the end). Labels carry none: XLA
+        writes a loop's ``condition:`` at the left margin."""
+        return next((d for d, _ in lines[i:] if d is not None), -1)
+
+    def walk(i: int, parent: int) -> tuple[int, int, int]:
+        """The thunks from lines[i] indented deeper than ``parent``: -> (graphs, outside, next line)."""
+        graphs = outside = 0
+        while i < len(lines) and lines[i][0] is not None and lines[i][0] > parent:
+            indent, kind = lines[i]
+            i += 1
+            if kind == "kCommandBuffer":  # its commands, and the parts of loops among them, are in the graph
+                graphs += 1
+                while i < len(lines) and next_depth(i) > indent:
+                    i += 1
+                continue
+            outside += 1
+            parts = []
+            while i < len(lines) and lines[i][0] is None:  # a loop's condition and body, or the branches
+                g, o, i = walk(i + 1, indent)
+                parts.append((g, o))
+            if parts and kind == "kWhile":
+                graphs, outside = graphs + sum(g for g, _ in parts), outside + sum(o for _, o in parts)
+            elif parts:
+                g, o = max(parts, key=sum)
+                graphs, outside = graphs + g, outside + o
+        return graphs, outside, i
+
+    graphs, outside, _ = walk(0, -1)
+    return graphs, outside
 
 
 def launches(hlo: str) -> dict[str, int]:
@@ -301,7 +366,7 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
             else:
                 raise ValueError(f"program {program!r}: expected one of {PROGRAMS}")
         try:
-            compiled = lowered.compile()
+            compiled, thunks = _compile(lowered, devices[0].platform == "gpu")
         except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED: does not fit a chip
             row = PlanRow(program=program, mesh=name, batch=batch, context=context, argument_gb=0.0, temp_gb=0.0,
                           output_gb=0.0, peak_gb=0.0, hbm_gb=hbm * 1e-9 if hbm else None, flops=0.0,
@@ -313,6 +378,7 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
         seconds = time.perf_counter() - t0
         hlo = compiled.as_text()
         ops = launches(hlo)
+        graphs, outside = cuda_graphs(thunks) if thunks is not None else (None, None)
         mem = compiled.memory_analysis()
         cost = compiled.cost_analysis()
         cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
@@ -330,6 +396,7 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
             weight_floor_s=weight_bytes / bandwidth if bandwidth else None,
             comm_gb=_collective_bytes(hlo) * gb, compile_s=seconds,
             launches=sum(ops.values()), pallas_kernels=sum(ops.get(t, 0) for t in PALLAS_TARGETS),
+            graphs=graphs, outside_graphs=outside,
         )
         progress(format_row(row))
         rows.append(row)
@@ -338,7 +405,7 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
 
 HEADER = (f"{'program':<8}{'mesh':<22}{'batch':>6}{'context':>8}{'args GB':>9}{'temp GB':>9}{'peak GB':>9}"
           f"{'HBM GB':>8}{'TFLOP':>8}{'est ms':>9}{'roof ms':>9}{'floor ms':>9}{'comm GB':>9}{'kernels':>9}{'pallas':>7}"
-          f"{'compile s':>10}")
+          f"{'graphs':>7}{'outside':>8}{'compile s':>10}")
 
 
 def format_row(r: PlanRow) -> str:
@@ -350,4 +417,5 @@ def format_row(r: PlanRow) -> str:
     return (f"{r.program:<8}{r.mesh:<22}{r.batch:>6}{r.context:>8}{r.argument_gb:>9.2f}{r.temp_gb:>9.2f}"
             f"{r.peak_gb:>9.2f}{opt(r.hbm_gb, fmt='{:.0f}'):>8}{r.flops * 1e-12:>8.2f}{opt(r.seconds, 1e3):>9}"
             f"{opt(r.roofline_s, 1e3):>9}{opt(r.weight_floor_s, 1e3):>9}{r.comm_gb:>9.3f}{r.launches:>9}"
-            f"{r.pallas_kernels:>7}{r.compile_s:>10.1f}")
+            f"{r.pallas_kernels:>7}{opt(r.graphs, fmt='{:.0f}'):>7}{opt(r.outside_graphs, fmt='{:.0f}'):>8}"
+            f"{r.compile_s:>10.1f}")

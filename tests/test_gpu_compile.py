@@ -3,7 +3,8 @@ PATH; skipped without them): the model's canvas step through each GPU MoE back e
 ``dgemma plan --topology h100`` does. What only the compiled program shows: ``pallas_gpu`` runs its
 expert FFN as two Triton kernels per layer with no host round trip, where ``bucketed`` picks its
 capacity bucket with a ``conditional`` in every layer (and before it, a binary search compiled to a
-``while`` loop); ``attention_impl=pallas_gpu`` is one Triton kernel per layer in place of XLA's
+``while`` loop), and so runs a pass as one CUDA graph where ``bucketed``'s are cut at each
+conditional; ``attention_impl=pallas_gpu`` is one Triton kernel per layer in place of XLA's
 attention."""
 
 import shutil
@@ -34,6 +35,7 @@ def test_pallas_gpu_runs_two_triton_kernels_per_layer_and_no_host_round_trip(two
                   programs=("canvas",), quantize=quantize, progress=lambda line: None)
     assert row.error is None and row.pallas_kernels == 2 * 2  # gate/up and down in each layer
     assert row.hbm_gb == 80 and 0 < row.peak_gb < row.hbm_gb
+    assert (row.graphs, row.outside_graphs) == (1, 0)  # the whole pass is one CUDA graph
 
 
 def test_bucketed_chooses_its_bucket_through_the_host_in_every_layer(two_layers):
@@ -43,9 +45,12 @@ def test_bucketed_chooses_its_bucket_through_the_host_in_every_layer(two_layers)
     config = two_layers.replace(moe_impl="bucketed")
     mesh = make_mesh({"expert": 1}, P.topology_devices("h100"))
     graphdef, state, _ = P._abstract_state(config, "bfloat16", mesh)
-    ops = P.launches(P._lower_canvas(config, graphdef, state, mesh, 1, 1024, "bfloat16").compile().as_text())
+    compiled, thunks = P._compile(P._lower_canvas(config, graphdef, state, mesh, 1, 1024, "bfloat16"), gpu=True)
+    ops = P.launches(compiled.as_text())
     assert ops.get("conditional") == 2 and not any(t in ops for t in P.PALLAS_TARGETS)
     assert "while" not in ops  # the bucket is found by one compare-and-count, not a binary-search loop
+    # each conditional cuts the pass's CUDA graph: before, between and after them, and a branch's own
+    assert P.cuda_graphs(thunks) == (2 + 1 + 2, 2)
 
 
 def test_the_gpu_attention_kernel_replaces_xlas_attention(two_layers):

@@ -79,3 +79,45 @@ def test_launches_counts_device_programs_through_control_flow():
     ops = launches(jax.jit(f).lower(jnp.ones((8, 8)), jnp.ones((2,), bool)).compile().as_text())
     assert ops["while"] == 1 and ops["conditional"] == 1
     assert sum(ops.values()) >= 2 + 2 + 2  # + the loop body's product and the larger branch's two
+
+
+# XLA's GPU thunk sequence, as dumped after its thunk passes (a loop's ``condition:`` label at the
+# left margin, as XLA writes it): a graph, a conditional with a graph per branch, a loop whose body is
+# a graph holding a loop of its own, and one kernel outside every graph.
+THUNKS = """\
+000: kCommandBuffer [source       | next=003 (1)]
+    001: kCustomKernel [source       | next=002 (1) ] loop_fusion grid: [1, 1, 1] threads: [1, 1, 1]
+    002: kCopy         [prev=001 (1) | sink         ] kCopy
+003: kConditional   [prev=000 (1) | next=000 (1)]
+  branch_0:
+    000: kCommandBuffer [source | sink]
+        004: kCustomKernel [source | sink] fusion_1 grid: [1, 1, 1] threads: [1, 1, 1]
+  branch_1:
+    000: kCommandBuffer [source | sink]
+        005: kCustomKernel [source | sink] fusion_2 grid: [1, 1, 1] threads: [1, 1, 1]
+000: kCommandBuffer [prev=003 (1) | next=006 (1)]
+    006: kCustomKernel [source | sink] fusion_3 grid: [1, 1, 1] threads: [1, 1, 1]
+007: kWhile         [prev=000 (1) | next=013 (1)]
+condition:
+    008: kCustomKernel [source | sink] wrapped_not grid: [1, 1, 1] threads: [1, 1, 1]
+  body:
+    000: kCommandBuffer [source | sink]
+        009: kWhile [source | sink]
+condition:
+            010: kCustomKernel [source | sink] wrapped_not grid: [1, 1, 1] threads: [1, 1, 1]
+          body:
+            011: kCustomKernel [source | sink] fusion_4 grid: [1, 1, 1] threads: [1, 1, 1]
+        012: kCustomKernel [source | sink] fusion_5 grid: [1, 1, 1] threads: [1, 1, 1]
+013: kCustomKernel  [prev=007 (1) | sink        ] input_reduce_fusion grid: [1, 1, 1] threads: [64, 1, 1]
+"""
+
+
+def test_cuda_graphs_counts_graphs_and_what_the_host_launches_outside_them():
+    """Graphs: the two at the top, one branch's (the larger of two equal ones) and the loop body's,
+    whose inner loop is inside it. Outside: the conditional, the loop, its condition and the kernel
+    at the end."""
+    from dgemma_jax.plan import cuda_graphs
+
+    assert cuda_graphs(THUNKS) == (4, 4)
+    # without graphs (XLA_FLAGS=--xla_gpu_enable_command_buffer=), every thunk is the host's to launch
+    assert cuda_graphs("000: kCustomKernel [source | sink] f\n001: kCopy [source | sink] kCopy\n") == (0, 2)
