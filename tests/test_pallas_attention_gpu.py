@@ -1,6 +1,7 @@
 """pallas_kernels.attention_gpu (interpret mode) against the XLA attention with the model's dense
 masks: causal / sliding / canvas / full, partly filled and empty caches, ragged shapes padded to
-Triton's power-of-two blocks, grouped-query heads, the 26B model's head dim 512."""
+Triton's power-of-two blocks, grouped-query heads (with several query blocks per head), the 26B
+model's head dim 512."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ CASES = [  # (kind, B, T, S cache, L canvas, N, K, D, offsets, window, blocks)
     ("causal", 1, 13, 37, 0, 2, 1, 8, [11], 5, GpuBlocks(16, 16)),  # ragged: padded queries, keys, head dim
     ("canvas", 2, 13, 24, 13, 4, 2, 8, [0, 21], 9, GpuBlocks(16, 16)),
     ("canvas", 1, 16, 40, 16, 8, 1, 512, [33], None, GpuBlocks(32, 32)),  # head dim 512: blocks halved
+    ("canvas", 2, 48, 40, 48, 4, 2, 16, [9, 40], 20, GpuBlocks(16, 16)),  # 2 heads per group x 3 query blocks
 ]
 
 
