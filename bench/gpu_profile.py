@@ -13,6 +13,12 @@ wall ms per step, device-busy ms per step (op time summed over the GPU's streams
 difference (launch gaps, host round trips such as a ``lax.cond`` predicate), the busiest lines,
 then the ``--top`` ops by time. Everything
 measured per step scales with the layer count; embedding and logits do not.
+
+The wall time is measured untraced, as the program runs in serving: XLA launches a pass as CUDA
+graphs (``dgemma plan --topology h100`` counts them). Under the profiler XLA launches each kernel on
+its own (``--xla_enable_command_buffers_during_profiling`` is false by default), which changes the
+gaps between kernels, not their times. To see what the graphs save, run it again with
+``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` (no graphs) and compare the wall times.
 """
 
 from __future__ import annotations
