@@ -146,8 +146,9 @@ class Blocks:
 # Chosen by the bytes that bench/tpu_attention.py counts at the 26B layers' shapes on v5e (docs/scaling.md):
 # 256 x 256 blocks read each key tile half as often as 128 x 128 ones (a canvas pass's query block is its
 # whole canvas: each key tile is read once) in half the grid steps. On a full layer (8 query heads of
-# 512 per key/value head) the encoder pass's kernels then need 24-32 MiB of VMEM, of v5e's 128.
-PASS_BLOCKS = {"causal": Blocks(256, 256, vmem_mib=32), "canvas": Blocks(256, 256)}
+# 512 per key/value head) the kernels then need more than Mosaic's default 16 MiB of VMEM, of v5e's 128:
+# the encoder pass's 24-32 MiB, the canvas pass's forward in the 26B train step 29.9 MiB.
+PASS_BLOCKS = {"causal": Blocks(256, 256, vmem_mib=32), "canvas": Blocks(256, 256, vmem_mib=32)}
 
 
 def _scores(mask: Mask, offset, q, k, qi, ki, bq, bk):

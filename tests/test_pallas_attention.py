@@ -105,7 +105,7 @@ def test_canvas_keys_without_a_cache():
 
 def test_blocks_left_unset_take_the_pass_defaults():
     assert Blocks(q=64).for_pass("causal") == Blocks(64, 256, vmem_mib=32)
-    assert Blocks(k=128, interpret=True).for_pass("canvas") == Blocks(256, 128, interpret=True)
+    assert Blocks(k=128, interpret=True).for_pass("canvas") == Blocks(256, 128, vmem_mib=32, interpret=True)
     with pytest.raises(ValueError, match="mask kind 'decoder'"):
         Blocks().for_pass("decoder")
 

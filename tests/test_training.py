@@ -264,27 +264,47 @@ def test_lora_26b_recipe_config_runs_on_a_tiny_checkpoint(hf_model, tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
-def test_remat_gives_the_same_loss_and_gradients(hf_model):
-    _, path = hf_model
+def _loss_and_gradients(path, cfg: ObjectiveConfig, **model_options):
+    """The objective's loss and its gradients for every parameter, on a fixed batch of two rows of
+    7 + 2 canvases of tokens (not a whole number of 256-slot key blocks)."""
     rng = np.random.default_rng(5)
     tokens, prompt_len, mask = _batch(rng, [4, 6], 2, 512)
     response = response_of(jnp.asarray(tokens), jnp.asarray(prompt_len), 2 * L)
-    noise = draw_noise(jax.random.key(2), response, jnp.asarray(mask), 512, ObjectiveConfig())
-    results = []
-    for remat in (False, True):
-        model = dgemma_jax.from_pretrained(path, dtype=jnp.float32, moe_impl="ragged", remat=remat)
-        graphdef, params, rest = nnx.split(model.module, nnx.Param, ...)
+    noise = draw_noise(jax.random.key(2), response, jnp.asarray(mask), 512, cfg)
+    model = dgemma_jax.from_pretrained(path, dtype=jnp.float32, moe_impl="ragged", **model_options)
+    graphdef, params, rest = nnx.split(model.module, nnx.Param, ...)
 
-        def loss(p):
-            m = nnx.merge(graphdef, p, rest)
-            return losses(m, jnp.asarray(tokens), jnp.asarray(prompt_len), jnp.asarray(mask), noise,
-                          ObjectiveConfig())["loss"]
+    def loss(p):
+        m = nnx.merge(graphdef, p, rest)
+        return losses(m, jnp.asarray(tokens), jnp.asarray(prompt_len), jnp.asarray(mask), noise, cfg)["loss"]
 
-        results.append(jax.jit(jax.value_and_grad(loss))(params))
-    (l0, g0), (l1, g1) = results
-    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
-    # The recomputed forward is compiled separately, so float32 sums may round differently:
-    # agreement to 1e-4 relative to each tensor's largest gradient.
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def _assert_gradients_close(got, want):
+    """Every gradient tensor within 1e-4 of its largest entry (float32 sums in another order)."""
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         b = np.asarray(b)
         np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1e-4 * np.abs(b).max() + 1e-12)
+
+
+def test_remat_gives_the_same_loss_and_gradients(hf_model):
+    _, path = hf_model
+    (l0, g0), (l1, g1) = (_loss_and_gradients(path, ObjectiveConfig(), remat=remat) for remat in (False, True))
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    # The recomputed forward is compiled separately, so float32 sums may round differently.
+    _assert_gradients_close(g1, g0)
+
+
+@pytest.mark.parametrize("ar_weight", [0.0, 0.5])
+def test_the_attention_kernel_trains_like_xla(hf_model, ar_weight):
+    """``attention_impl="pallas"`` (interpreted here) in the objective: the encoder pass and the canvas
+    passes over a cache rounded up to a whole key block (``cache_capacity``: the rows are 23 tokens,
+    the cache 256 slots) give XLA's loss and gradients, with and without the AR term (whose cache
+    holds the whole row, or all but its last canvas). float32: 1e-5 relative for the loss, 1e-4 of
+    each tensor's largest gradient (the kernel sums its key blocks in another order)."""
+    _, path = hf_model
+    cfg = ObjectiveConfig(ar_weight=ar_weight)
+    (l0, g0), (l1, g1) = (_loss_and_gradients(path, cfg, attention_impl=impl) for impl in ("xla", "pallas"))
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+    _assert_gradients_close(g1, g0)
