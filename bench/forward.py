@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     @jax.jit
     def encode(state, tokens):
         module = nnx.merge(graphdef, state)
-        cache = KVCache.create(module.config, tokens.shape[0], tokens.shape[1], module.dtype)
+        cache = KVCache.for_positions(module.config, tokens.shape[0], tokens.shape[1], module.dtype)
         return module.encode(tokens, cache)[1]
 
     @jax.jit

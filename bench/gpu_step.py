@@ -107,11 +107,10 @@ def denoise_pass(graphdef, state, config, dtype, batch: int, context: int, rng):
     import jax.numpy as jnp
     from flax import nnx
 
-    from dgemma_jax.cache import KVCache, cache_capacity
+    from dgemma_jax.cache import KVCache
 
-    slots = cache_capacity(config, context + 2 * config.canvas_length)
     encode = jax.jit(lambda state, tokens: nnx.merge(graphdef, state).encode(
-        tokens, KVCache.create(config, tokens.shape[0], slots, dtype))[1])
+        tokens, KVCache.for_positions(config, tokens.shape[0], tokens.shape[1] + 2 * config.canvas_length, dtype))[1])
     denoise = jax.jit(lambda state, canvas, cache, sc: nnx.merge(graphdef, state).denoise(
         canvas, cache, sc, jnp.ones((canvas.shape[0],), bool)))
     prompt = jnp.asarray(rng.integers(0, config.vocab_size, (batch, context)), jnp.int32)

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dgemma_jax import checkpoint, native, quant
-from dgemma_jax.cache import KVCache, cache_capacity
+from dgemma_jax.cache import KVCache
 from dgemma_jax.config import ModelConfig, load_hf_config
 from dgemma_jax.layers import host_init
 from dgemma_jax.model import DiffusionGemma
@@ -154,8 +154,8 @@ def _as_tokens(x, name: str) -> np.ndarray:
 
 def _encode_prompt(model: DiffusionGemma, prompt, num_valid):
     """``model.encode`` of the bucketed prompt [B, T] into a fresh cache for its T positions
-    (``cache_capacity``) -> (hidden [B, T, H], cache)."""
-    cache = KVCache.create(model.config, prompt.shape[0], cache_capacity(model.config, prompt.shape[1]), model.dtype)
+    (``KVCache.for_positions``) -> (hidden [B, T, H], cache)."""
+    cache = KVCache.for_positions(model.config, prompt.shape[0], prompt.shape[1], model.dtype)
     return model.encode(prompt, cache, num_valid)
 
 

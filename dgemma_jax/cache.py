@@ -55,6 +55,12 @@ class KVCache:
             length=jnp.zeros((batch,), jnp.int32),
         )
 
+    @classmethod
+    def for_positions(cls, config: ModelConfig, batch: int, positions: int, dtype=jnp.float32) -> "KVCache":
+        """An empty cache for ``positions`` tokens per row: ``cache_capacity(config, positions)``
+        slots (whole key blocks when an attention kernel runs)."""
+        return cls.create(config, batch, cache_capacity(config, positions), dtype)
+
 
 def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     """Writes ``new`` [B, K, T, D] into ``buffer`` [B, K, S, D] at per-row positions ``start`` [B]."""

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dgemma_jax.cache import KVCache, cache_capacity
+from dgemma_jax.cache import KVCache
 from dgemma_jax.config import ModelConfig
 from dgemma_jax.model import DiffusionGemma
 from dgemma_jax.sharding import RULES, logical_to_spec, make_mesh, variable_sharding
@@ -160,8 +160,8 @@ def _replicated(x, mesh: Mesh):
 
 
 def _abstract_cache(config: ModelConfig, batch: int, context: int, dtype, mesh: Mesh) -> KVCache:
-    """The cache ``generate`` makes for ``context`` positions (``cache_capacity``), over ``mesh``."""
-    cache = jax.eval_shape(lambda: KVCache.create(config, batch, cache_capacity(config, context), dtype))
+    """The cache ``generate`` makes for ``context`` positions (``KVCache.for_positions``), over ``mesh``."""
+    cache = jax.eval_shape(lambda: KVCache.for_positions(config, batch, context, dtype))
     return jax.tree.map(lambda x: _batch_sharded(x.shape, x.dtype, mesh), cache)
 
 

@@ -22,7 +22,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dgemma_jax.cache import KVCache, cache_capacity
+from dgemma_jax.cache import KVCache
 from dgemma_jax.model import DiffusionGemma
 
 
@@ -94,12 +94,12 @@ def losses(model: DiffusionGemma, tokens: jax.Array, prompt_len: jax.Array, loss
         raise ValueError(f"loss_mask has {n} positions, not a whole number of canvases of {length}")
     response = response_of(tokens, prompt_len, n)  # [B, C*L]
     if cfg.ar_weight:
-        cache = KVCache.create(model.config, b, cache_capacity(model.config, s), model.dtype)
+        cache = KVCache.for_positions(model.config, b, s, model.dtype)
         hidden, cache = model.encode(tokens, cache, prompt_len + n)  # [B, S, H]
         before = response_of(hidden, prompt_len - 1, n)  # [B, C*L, H]: hidden states predicting the response
         ar = masked_mean(cross_entropy(model.logits(before), response), loss_mask)
     else:  # no AR loss: encode only what some canvas attends to (the last canvas is never read)
-        cache = KVCache.create(model.config, b, cache_capacity(model.config, s - length), model.dtype)
+        cache = KVCache.for_positions(model.config, b, s - length, model.dtype)
         _, cache = model.encode(tokens[:, : s - length], cache, prompt_len + n - length)
         ar = jnp.zeros((), jnp.float32)
 
