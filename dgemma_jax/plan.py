@@ -201,7 +201,7 @@ def cuda_graphs(thunks: str) -> tuple[int, int]:
     def next_depth(i: int) -> int:
         """The indent of the first thunk from lines[i] on (-1 at the end). Labels carry none: XLA
         writes a loop's ``condition:`` at the left margin."""
-        return next((d for d, _ in lines[i:] if d is not None), -1)
+        return next((lines[j][0] for j in range(i, len(lines)) if lines[j][0] is not None), -1)
 
     def walk(i: int, parent: int) -> tuple[int, int, int]:
         """The thunks from lines[i] indented deeper than ``parent``: -> (graphs, outside, next line)."""
