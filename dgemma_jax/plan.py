@@ -173,6 +173,17 @@ def _collective_bytes(hlo: str) -> int:
     return total
 
 
+def compile_error(message: str) -> str:
+    """XLA's reason for refusing a program, in one line: its first line, and where that is only a
+    heading (TPU: "RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom:"), the sentences after it
+    that do not quote HLO (e.g. "Scoped allocation with size 30.41M and limit 27.34M exceeded ...")."""
+    first, _, rest = message.strip().partition("\n")
+    if not first.endswith(":"):
+        return first
+    sentences = [s.strip() for s in " ".join(rest.split()).split(". ") if s.strip() and "%" not in s]
+    return " ".join([first] + [s.rstrip(".") + "." for s in sentences])
+
+
 def _compile(lowered, gpu: bool):
     """-> (compiled program, XLA's thunk sequence for a GPU program, else None). The sequence, with
     the CUDA graphs XLA groups its kernels into, is only written to XLA's dump files, so a GPU
@@ -371,7 +382,7 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
             row = PlanRow(program=program, mesh=name, batch=batch, context=context, argument_gb=0.0, temp_gb=0.0,
                           output_gb=0.0, peak_gb=0.0, hbm_gb=hbm * 1e-9 if hbm else None, flops=0.0,
                           bytes_accessed=0.0, seconds=None, roofline_s=None, weight_floor_s=None, comm_gb=0.0,
-                          compile_s=time.perf_counter() - t0, error=str(e).split("\n")[0])
+                          compile_s=time.perf_counter() - t0, error=compile_error(str(e)))
             progress(format_row(row))
             rows.append(row)
             continue

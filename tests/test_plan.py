@@ -64,6 +64,23 @@ def test_a_program_that_does_not_fit_is_reported_not_raised(monkeypatch, capsys)
     assert "canvas" in capsys.readouterr().out.split("does not compile: RESOURCE_EXHAUSTED")[0]
 
 
+def test_compile_error_keeps_the_reason_after_a_heading():
+    """Mosaic's out-of-VMEM error puts its reason on the line after a heading, behind a quoted HLO
+    instruction: the row keeps the reason and the link, not the HLO."""
+    from dgemma_jax.plan import compile_error
+
+    message = ("RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom:\nRan out of memory in memory space vmem while "
+               "allocating on stack for %flash_attention_fwd.29 = (bf16[1,2,8,256,512]{4,3,2,1,0}) custom-call("
+               "%add.6855), metadata={op_name=\"jit(step)/pallas_call\"}. Scoped allocation with size 30.41M and "
+               "limit 27.34M exceeded scoped vmem limit by 3.07M. \nSee https://openxla.org/xla/errors/error_1001 "
+               "for more details.\n")
+    assert compile_error(message) == (
+        "RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom: Scoped allocation with size 30.41M and limit 27.34M "
+        "exceeded scoped vmem limit by 3.07M. See https://openxla.org/xla/errors/error_1001 for more details.")
+    assert compile_error("RESOURCE_EXHAUSTED: Ran out of memory on HBM\ndetails") == (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM")
+
+
 def test_launches_counts_device_programs_through_control_flow():
     """A loop body counts once, a conditional its larger branch; the loop and the conditional
     themselves count too (on GPU each is a round trip through the host)."""
