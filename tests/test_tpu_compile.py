@@ -1,6 +1,7 @@
 """Compile for a real TPU v5e topology without a TPU (libtpu from ``jax[tpu]``; skipped without it):
 both Pallas kernels (Mosaic, forward and gradient, inside shard_map), the 26B canvas step and one
-full layer's train step with both kernels, experts over 8 chips. See docs/scaling.md for the full plan (``dgemma plan``)."""
+full layer's train step with both kernels, experts over 8 chips. See docs/scaling.md for the full
+plan (``dgemma plan``)."""
 
 import importlib.util
 from pathlib import Path
