@@ -14,8 +14,8 @@ and backward, as a train step runs them):
           for the compiled program
   pallas  ``attention_impl="pallas"``: XLA's count for the ops around the kernels, plus the bytes the
           kernels move between HBM and VMEM, which XLA's count does not see, read from their block
-          index maps (a block moves when its index differs from the previous grid step's); and each
-          kernel's grid
+          index maps (a block moves when its index differs from the previous grid step's), in the
+          tiles of HBM's layout (``tiled_bytes``); and each kernel's grid
 XLA counts every operand of every fused op, some of them held in VMEM, so both sides are upper bounds
 of HBM traffic; the ratio is pallas / xla (lower is better).
 """
@@ -27,6 +27,21 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V5E_BANDWIDTH = 819e9  # bytes/s of HBM per v5e chip
+
+
+def tiled_bytes(shape, itemsize: int) -> int:
+    """Bytes of a block of ``shape`` as XLA lays arrays out in a TPU's HBM and a DMA moves them: in
+    tiles of (8 sublanes x 128 lanes) of 32-bit words, so the last dimension is padded to 128 and the
+    one before it to 8 (16 for 16-bit types, packed two to a word; 32 for 8-bit ones); an array
+    whose dimension before the last is 1 gets (1, 128) tiles. A column of float32 [rows, 1] takes
+    128x its bytes, a row [1, lanes] its own."""
+    import numpy as np
+
+    if len(shape) < 2:
+        return int(np.prod(shape)) * itemsize
+    *outer, rows, lanes = shape
+    sublanes = 1 if rows == 1 else 8 * max(1, 4 // itemsize)
+    return int(np.prod(outer)) * -(-rows // sublanes) * sublanes * -(-lanes // 128) * 128 * itemsize
 
 
 def block_traffic(jaxpr, scalars) -> list[tuple[str, tuple[int, ...], int]]:
@@ -56,7 +71,7 @@ def block_traffic(jaxpr, scalars) -> list[tuple[str, tuple[int, ...], int]]:
 
                 at = np.asarray(jax.vmap(lambda s: indices(list(s)))(jnp.asarray(steps, jnp.int32)))
                 moves = 1 + int(np.any(at[1:] != at[:-1], axis=1).sum())
-                size = int(np.prod(block.transformed_block_aval.shape)) * block.array_aval.dtype.itemsize
+                size = tiled_bytes(block.transformed_block_aval.shape, block.array_aval.dtype.itemsize)
                 total += moves * size
             found.append((eqn.params.get("name") or "pallas_call", grid, total))
         for value in eqn.params.values():

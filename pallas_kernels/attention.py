@@ -126,6 +126,8 @@ class Mask:
 class Blocks:
     """Block sizes along queries and keys, and the scoped VMEM the kernels may take (MiB; None:
     Mosaic's default, 16 MiB on v5e); a size left None is the pass's default (``PASS_BLOCKS``).
+    Mosaic takes a query block that is a multiple of 128 (the lanes of the row statistics), or the
+    whole of a pass's queries.
     ``interpret``: None = the Mosaic kernel where the program is lowered for TPU, interpreted
     elsewhere."""
 
@@ -171,6 +173,12 @@ def _rows(ref):
     return x.reshape(-1, x.shape[-1])
 
 
+def _column(ref):
+    """A [G, 1, bq] block of row statistics (the log-sum-exp, or di), lane-dense -> [G * bq, 1]
+    (head by head: Mosaic turns a row of lanes into a column, not a [G, 1, bq] block at once)."""
+    return jnp.concatenate([ref[g, 0][:, None] for g in range(ref.shape[0])], axis=0)
+
+
 def _forward_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_blocks: int, cache_blocks: int,
                     parts: int):
     k_refs, v_refs = refs[:parts], refs[parts:2 * parts]
@@ -200,16 +208,17 @@ def _forward_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_blo
     @pl.when(step == pl.num_programs(3) - 1)
     def _():
         o_ref[...] = (acc_sc[...] / l_sc[...]).reshape(o_ref.shape).astype(o_ref.dtype)
-        for lse_ref in lse_refs:
-            lse_ref[...] = (m_sc[...] + jnp.log(l_sc[...])).reshape(lse_ref.shape)
+        for lse_ref in lse_refs:  # [G * bq, 1] -> [G, 1, bq]
+            group, _, bq = lse_ref.shape
+            lse_ref[...] = (m_sc[...] + jnp.log(l_sc[...])).reshape(group, bq)[:, None, :]
 
 
 def _score_grads(mask, offset, q, k, v, do, lse_ref, di_ref, qi, ki, bq, bk):
     """One block's probabilities and score gradients, float32 [G * bq, bk] each (masked -> 0), from
-    the rows q, do [G * bq, D] and the row statistics' refs."""
-    p = jnp.exp(_scores(mask, offset, q, k, qi, ki, bq, bk) - _rows(lse_ref))
+    the rows q, do [G * bq, D] and the row statistics' refs [G, 1, bq]."""
+    p = jnp.exp(_scores(mask, offset, q, k, qi, ki, bq, bk) - _column(lse_ref))
     dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return p, p * (dp - _rows(di_ref))
+    return p, p * (dp - _column(di_ref))
 
 
 def _dq_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_blocks: int, cache_blocks: int,
@@ -287,12 +296,16 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, blocks: Blocks,
     )(offsets, *args)
 
 
-def _row_spec(group: int, bq: int, width: int, block_of):
-    """BlockSpec of one key/value head's G query heads' rows [B, K, G, Tp, width], the query block
-    given by ``block_of(offset, i, j)`` of the grid step (b, h, i, j)."""
-    def index(b, h, i, j, offsets):
-        return b, h, 0, block_of(offsets[b], i, j), 0
-    return pl.BlockSpec((None, None, group, bq, width), index)
+def _row_spec(group: int, bq: int, width: int | None, block_of):
+    """BlockSpec of one key/value head's G query heads' rows [B, K, G, Tp, width], or with ``width``
+    None of their statistics [B, K, G, 1, Tp] (float32 rows along the lanes: as a [.., Tp, 1] column
+    each would fill a 128-lane tile in HBM), the query block given by ``block_of(offset, i, j)`` of
+    the grid step (b, h, i, j)."""
+    if width is None:
+        return pl.BlockSpec((None, None, group, 1, bq), lambda b, h, i, j, offsets: (
+            b, h, 0, 0, block_of(offsets[b], i, j)))
+    return pl.BlockSpec((None, None, group, bq, width), lambda b, h, i, j, offsets: (
+        b, h, 0, block_of(offsets[b], i, j), 0))
 
 
 def _key_specs(bk: int, d: int, parts, block_of):
@@ -316,7 +329,7 @@ def _parts(ks, bk: int):
 
 
 def _walking_keys(mask: Mask, group: int, bq: int, bk: int, d: int, parts):
-    """-> (rows(width): the query rows' spec, the keys' specs) of a grid (b, h, query block, step)
+    """-> (rows(width): the query rows' spec (``_row_spec``), the keys' specs) of a grid (b, h, query block, step)
     that walks each query block's visible key blocks (the forward and dq kernels)."""
     walked = lambda offset, i, j: mask.key_block(offset, i, j, bq, bk, parts[-1][1])[0]  # noqa: E731
     return (lambda width: _row_spec(group, bq, width, lambda offset, i, j: i)), _key_specs(bk, d, parts, walked)
@@ -325,8 +338,8 @@ def _walking_keys(mask: Mask, group: int, bq: int, bk: int, d: int, parts):
 def _forward(q, ks, vs, offsets, mask: Mask, blocks: Blocks, with_lse: bool = True):
     """q [B, K, G, Tp, D] (each key/value head's G query heads); ks/vs: the keys/values [B, K, Sp, D]
     as one array, or as the cache's and the canvas's, each padded to whole blocks
-    -> (o [B, K, G, Tp, D], lse [B, K, G, Tp, 1], or None without ``with_lse``: a forward that
-    nothing differentiates does not write it, [.., 1] float32 rows that HBM pads to 128 lanes). A
+    -> (o [B, K, G, Tp, D], lse [B, K, G, 1, Tp] float32, or None without ``with_lse``: a forward
+    that nothing differentiates does not write it). A
     program holds all G query heads of its key/value head, so each key and value tile is fetched
     once per query block, not once per head."""
     b, kh, group, t, d = q.shape
@@ -335,12 +348,12 @@ def _forward(q, ks, vs, offsets, mask: Mask, blocks: Blocks, with_lse: bool = Tr
     num_blocks, cache_blocks = parts[-1][1], parts[0][1]
     rows, keys = _walking_keys(mask, group, bq, bk, d, parts)
     scratch = [pltpu.VMEM((group * bq, 1), jnp.float32)] * 2 + [pltpu.VMEM((group * bq, d), jnp.float32)]
-    lse = [jax.ShapeDtypeStruct((b, kh, group, t, 1), jnp.float32)] if with_lse else []
+    lse = [jax.ShapeDtypeStruct((b, kh, group, 1, t), jnp.float32)] if with_lse else []
     out = _call(
         functools.partial(_forward_kernel, mask=mask, bq=bq, bk=bk, num_blocks=num_blocks,
                           cache_blocks=cache_blocks, parts=len(parts)),
         (b, kh, t // bq, mask.key_steps(bq, bk, num_blocks)),
-        [rows(d)] + keys * 2, [rows(d)] + [rows(1)] * len(lse), [jax.ShapeDtypeStruct(q.shape, q.dtype)] + lse,
+        [rows(d)] + keys * 2, [rows(d)] + [rows(None)] * len(lse), [jax.ShapeDtypeStruct(q.shape, q.dtype)] + lse,
         scratch, blocks, "flash_attention_fwd", offsets, q, *ks, *vs)
     return out[0], (out[1] if with_lse else None)
 
@@ -355,14 +368,14 @@ def _backward(q, ks, vs, offsets, o, lse, do, mask: Mask, blocks: Blocks):
     bq, bk = blocks.q, blocks.k
     parts = _parts(ks, bk)
     num_blocks, cache_blocks, num_q_blocks = parts[-1][1], parts[0][1], t // bq
-    di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)  # [B, K, G, Tp, 1]
+    di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)[:, :, :, None]  # [B, K, G, 1, Tp]
     settings = dict(mask=mask, bq=bq, bk=bk, cache_blocks=cache_blocks, parts=len(parts))
 
     rows, keys = _walking_keys(mask, group, bq, bk, d, parts)
     dq = _call(
         functools.partial(_dq_kernel, num_blocks=num_blocks, **settings),
         (b, kh, num_q_blocks, mask.key_steps(bq, bk, num_blocks)),
-        [rows(d)] + keys * 2 + [rows(d), rows(1), rows(1)], rows(d), jax.ShapeDtypeStruct(q.shape, q.dtype),
+        [rows(d)] + keys * 2 + [rows(d), rows(None), rows(None)], rows(d), jax.ShapeDtypeStruct(q.shape, q.dtype),
         [pltpu.VMEM((group * bq, d), jnp.float32)], blocks, "flash_attention_dq", offsets, q, *ks, *vs, do, lse, di)
 
     seen_by = lambda offset, i, j: mask.query_block(offset, i, j, bq, bk, num_q_blocks)[0]  # noqa: E731
@@ -371,7 +384,7 @@ def _backward(q, ks, vs, offsets, o, lse, do, mask: Mask, blocks: Blocks):
     grads = _call(
         functools.partial(_dkv_kernel, num_q_blocks=num_q_blocks, **settings),
         (b, kh, num_blocks, mask.query_steps(bq, bk, num_q_blocks)),
-        [rows(d)] + keys * 2 + [rows(d), rows(1), rows(1)], keys * 2,
+        [rows(d)] + keys * 2 + [rows(d), rows(None), rows(None)], keys * 2,
         [jax.ShapeDtypeStruct(k.shape, k.dtype) for k in ks] + [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in vs],
         [pltpu.VMEM((bk, d), jnp.float32)] * 2, blocks, "flash_attention_dkv", offsets, q, *ks, *vs, do, lse, di,
         # a part's gradient block is held, unwritten, while the key blocks are another part's: one core

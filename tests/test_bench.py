@@ -191,6 +191,19 @@ def test_tpu_attention_bench_counts_the_blocks_that_move():
     assert block_traffic(jaxpr, [jnp.array([2], jnp.int32)]) == [("add", (2, 3), (2 + 6 + 6) * block)]
 
 
+def test_tpu_attention_bench_counts_blocks_in_hbm_tiles():
+    """A block moves whole (8 x 128)-word tiles: a float32 column fills 128 lanes, bf16 packs 16 rows
+    to a tile, a row of lanes ([.., 1, N], which XLA tiles (1, 128)) moves its values."""
+    from bench.tpu_attention import tiled_bytes
+
+    assert tiled_bytes((256, 1), 4) == 256 * 128 * 4
+    assert tiled_bytes((8, 256, 512), 2) == 8 * 256 * 512 * 2
+    assert tiled_bytes((8, 1, 256), 4) == 8 * 256 * 4
+    assert tiled_bytes((8, 1, 200), 4) == 8 * 256 * 4
+    assert tiled_bytes((24, 130), 1) == 32 * 256
+    assert tiled_bytes((300,), 4) == 1200
+
+
 def test_tpu_attention_bench_runs_for_v5e(capsys):
     """bench/tpu_attention.py on a small config, compiled for v5e:2x4 (needs libtpu): a row per
     layer type, pass and program, the gradient with the dq and dk/dv kernels."""
