@@ -209,8 +209,7 @@ def _forward_kernel(offsets, q_ref, *refs, mask: Mask, bq: int, bk: int, num_blo
     def _():
         o_ref[...] = (acc_sc[...] / l_sc[...]).reshape(o_ref.shape).astype(o_ref.dtype)
         for lse_ref in lse_refs:  # [G * bq, 1] -> [G, 1, bq]
-            group, _, bq = lse_ref.shape
-            lse_ref[...] = (m_sc[...] + jnp.log(l_sc[...])).reshape(group, bq)[:, None, :]
+            lse_ref[...] = (m_sc[...] + jnp.log(l_sc[...])).reshape(lse_ref.shape[0], bq)[:, None, :]
 
 
 def _score_grads(mask, offset, q, k, v, do, lse_ref, di_ref, qi, ki, bq, bk):
