@@ -46,8 +46,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--quantize", choices=("none", "int8"), default="none",
                    help="int8: the serving programs with int8 experts (default: %(default)s)")
     p.add_argument("--weight-layouts", choices=("xla", "default"), default="xla",
-                   help="the loop's weights in the layouts XLA picks, as `dgemma serve` places them on TPU, or "
-                        "as they arrive (default: %(default)s)")
+                   help="the loop's weights and the train step's frozen base weights in the layouts XLA picks, "
+                        "as `dgemma serve` and `dgemma train` place them on TPU, or as they arrive "
+                        "(default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.set_defaults(func=cmd_plan)
 

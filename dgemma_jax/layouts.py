@@ -1,4 +1,5 @@
-"""Weights in the memory layouts XLA picks for the denoising loop (what serving on TPU needs).
+"""Weights in the memory layouts XLA picks for the denoising loop (what serving on TPU needs) and
+for the LoRA train step.
 
 On TPU, XLA wants the attention and expert weights tiled differently from the default layout the
 parameters arrive in. A single forward pass converts each layer's weights just before use (a small
@@ -13,6 +14,10 @@ over the weights); :func:`place_for_loop` does both for a batch and context (``d
 does it on TPU by itself). Later jitted calls take committed arguments in the layout they have, so the loop
 then runs on the weights as placed, with no copy. On CPU XLA picks the default layouts and placing
 changes nothing.
+
+The LoRA train step has the same problem with its frozen base weights: :func:`lower_train_step`
+compiles it with their layouts left to XLA, and ``Trainer`` places them (:func:`place`) and runs
+that compiled step (``run.weight_layouts``; on TPU by default).
 """
 
 from __future__ import annotations
@@ -53,15 +58,42 @@ def loop_weight_formats(graphdef, state, cache: KVCache, rows: CanvasRows, *,
     return compiled.input_formats[0][0]
 
 
-def place_weights(model: Model, formats) -> Model:
-    """Moves ``model``'s weights into ``formats`` (from :func:`loop_weight_formats`), in place, one
-    leaf at a time; returns ``model``. Leaves already in their format are not copied."""
-    leaves, treedef = jax.tree.flatten(model.state)
+def lower_train_step(step, trainable, opt_state, frozen, *args,
+                     weight_layouts: str = "default") -> jax.stages.Lowered:
+    """Lowers the train step ``step(trainable, opt_state, frozen, *args)``
+    (``training.trainer.make_train_step``'s, with ``batch, key`` and possibly more after ``frozen``)
+    as ``Trainer`` runs it: the trainable weights and the optimizer state donated and returned in
+    the shardings they came in (so that one compiled step serves every step).
+    ``weight_layouts="xla"``: the frozen base weights' (LoRA) layouts are left to XLA
+    (``compiled.input_formats[0][2]``). With the defaults, on TPU, XLA copies the 26B experts into
+    the layout their kernel reads at every use and keeps the copies alive across the step's passes
+    (36 copies of 66 MB for one layer at 4,096 tokens: ``docs/scaling.md``)."""
+    if weight_layouts not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight_layouts must be one of {WEIGHT_LAYOUTS}, got {weight_layouts!r}")
+    options = dict(out_shardings=(jax.tree.map(_sharding, trainable), jax.tree.map(_sharding, opt_state), None))
+    if weight_layouts == "xla":
+        formats = jax.tree.map(lambda x: Format(Layout.AUTO, _sharding(x)), frozen)
+        options["in_shardings"] = (None, None, formats) + (None,) * len(args)
+        frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding(x)), frozen)
+    return jax.jit(step, donate_argnums=(0, 1), **options).lower(trainable, opt_state, frozen, *args)
+
+
+def place(tree, formats):
+    """Moves each leaf of ``tree`` (arrays) into its format in ``formats`` (a pytree like it, e.g.
+    ``compiled.input_formats``), one leaf at a time, each old buffer donated: freed as soon as its
+    copy exists, so the peak is one leaf over the tree. Returns the new tree; leaves already in
+    their format are kept, not copied."""
+    leaves, treedef = jax.tree.flatten(tree)
     targets = treedef.flatten_up_to(formats)
-    # donate: each old buffer is freed as soon as its copy exists
     placed = [leaf if leaf.format == target else jax.device_put(leaf, target, donate=True)
               for leaf, target in zip(leaves, targets, strict=True)]
-    nnx.update(model.module, jax.tree.unflatten(treedef, placed))
+    return jax.tree.unflatten(treedef, placed)
+
+
+def place_weights(model: Model, formats) -> Model:
+    """Moves ``model``'s weights into ``formats`` (from :func:`loop_weight_formats`), in place
+    (:func:`place`); returns ``model``."""
+    nnx.update(model.module, place(model.state, formats))
     model.graphdef, model.state = nnx.split(model.module)
     return model
 

@@ -13,7 +13,9 @@ Programs: ``canvas`` (one denoising forward pass of a canvas over the cache), ``
 whole denoising loop and its commit, as ``generate`` runs it, with ``steps`` passes; the weights in
 the layouts XLA picks for it, as serving places them), ``train``
 (one LoRA step of ``configs/train/lora_26b_sft.py``'s recipe: rank 16 on attention + dense MLP,
-AdamW, remat; each row holds ``context`` tokens: a prompt and as many whole canvases as fit).
+AdamW, remat, the frozen weights placed as ``Trainer`` places them; each row holds as many whole
+canvases as ``context`` has room for, after a prompt of the rest, or of one canvas when nothing is
+left: 2,048 -> 256 + 8 x 256 tokens).
 """
 
 from __future__ import annotations
@@ -313,9 +315,10 @@ def _lower_loop(config, graphdef, state, mesh, batch, context, dtype, steps, wei
     return lower_loop(graphdef, state, cache, rows, weight_layouts=weight_layouts)
 
 
-def _lower_train(config, abstract, mesh, batch, context, rank):
+def _lower_train(config, abstract, mesh, batch, context, rank, weight_layouts):
     import optax
 
+    from dgemma_jax.layouts import lower_train_step
     from dgemma_jax.training import lora as lora_lib
     from dgemma_jax.training.objective import ObjectiveConfig
     from dgemma_jax.training.trainer import make_train_step
@@ -338,7 +341,7 @@ def _lower_train(config, abstract, mesh, batch, context, rank):
         return run(adapters, opt_state, frozen, batch, key)
 
     key = _replicated(jax.eval_shape(lambda: jax.random.key(0)), mesh)
-    return jax.jit(step).lower(adapters, opt_state, frozen, train_batch, key, rest)
+    return lower_train_step(step, adapters, opt_state, frozen, train_batch, key, rest, weight_layouts=weight_layouts)
 
 
 def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | None = None, batch: int = 1,
@@ -348,8 +351,9 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
     machine's) and reads their per-chip memory and cost. ``context``: KV-cache positions (serving)
     or tokens per training row. ``config``'s back ends are used as given (e.g. ``pallas`` on TPU).
     ``quantize="int8"``: the serving programs with int8 experts (the train step stays float).
-    ``weight_layouts``: the loop's weights in the layouts XLA picks (``"xla"``, as serving places
-    them: ``dgemma_jax.layouts``) or as they arrive (``"default"``)."""
+    ``weight_layouts``: the loop's weights and the train step's frozen base weights in the layouts
+    XLA picks (``"xla"``, as serving and ``Trainer`` on TPU place them: ``dgemma_jax.layouts``) or
+    as they arrive (``"default"``)."""
     devices = topology_devices(topology) if topology else jax.devices()
     mesh = make_mesh(mesh_shape, devices)
     graphdef, state, abstract = _abstract_state(config, dtype, mesh, quantize=quantize)
@@ -373,7 +377,7 @@ def plan(config: ModelConfig, mesh_shape: dict[str, int], *, topology: str | Non
                     remat=True, moe_impl=training_moe_impl(config.moe_impl, devices[0].platform),
                     attention_impl=training_attention_impl(config.attention_impl))
                 _, _, abstract_train = _abstract_state(train_config, dtype, mesh)
-                lowered = _lower_train(train_config, abstract_train, mesh, batch, context, lora_rank)
+                lowered = _lower_train(train_config, abstract_train, mesh, batch, context, lora_rank, weight_layouts)
             else:
                 raise ValueError(f"program {program!r}: expected one of {PROGRAMS}")
         try:

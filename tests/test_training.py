@@ -264,6 +264,30 @@ def test_lora_26b_recipe_config_runs_on_a_tiny_checkpoint(hf_model, tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
+def test_lora_with_frozen_weights_in_xla_layouts_trains_as_with_default_ones(hf_model, tmp_path):
+    """``run.weight_layouts="xla"`` (what ``auto`` does with LoRA on TPU): the step is compiled with the
+    frozen base weights' layouts left to XLA, and they are placed in them.
+    The same losses and adapters as the plain jitted step (on CPU, XLA picks the default layouts, so
+    the programs are the same), on an fsdp mesh; full fine-tuning refuses it."""
+    _, path = hf_model
+    runs = {}
+    for layouts in ("default", "xla"):
+        (tmp_path / layouts).mkdir()
+        cfg = _config(tmp_path / layouts, model_dir=path, run__steps=2, optim__warmup_steps=1, lora__enabled=True,
+                      lora__rank=4, run__mesh={"fsdp": 8}, run__weight_layouts=layouts)
+        trainer = Trainer(cfg)
+        rows = trainer.run(progress=False)
+        assert isinstance(trainer.train_step, jax.stages.Compiled)  # compiled once, for the first batch
+        runs[layouts] = rows, jax.device_get(trainer.trainable)
+    assert [r["loss"] for r in runs["xla"][0]] == [r["loss"] for r in runs["default"][0]]
+    for x, y in zip(jax.tree.leaves(runs["xla"][1]), jax.tree.leaves(runs["default"][1]), strict=True):
+        np.testing.assert_array_equal(x, y)
+    (tmp_path / "auto").mkdir()
+    assert Trainer(_config(tmp_path / "auto", model_dir=path, lora__enabled=True)).weight_layouts == "default"  # CPU
+    with pytest.raises(TrainError, match="run.weight_layouts='xla' places LoRA's frozen base weights"):
+        Trainer(_config(tmp_path / "full", run__weight_layouts="xla"))
+
+
 def _loss_and_gradients(path, cfg: ObjectiveConfig, **model_options):
     """The objective's loss and its gradients for every parameter, on a fixed batch of two rows of
     7 + 2 canvases of tokens (not a whole number of 256-slot key blocks)."""

@@ -23,6 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
                        clip_norm=1.0, grad_accum=4),
             lora=dict(enabled=True, rank=16, alpha=32.0, targets=("attn", "mlp")),
             run=dict(out_dir="runs/lora_26b", steps=2000, save_every=200, keep=3, async_checkpoints=True,
-                     log_every=10, seed=0, mesh={"data": 1, "fsdp": -1}),
+                     log_every=10, seed=0, mesh={"data": 1, "fsdp": -1}, weight_layouts="auto"),
         )
     )

@@ -182,8 +182,10 @@ class Trainer:
         # moments follow the parameters' shardings; the step counters are replicated on the mesh
         self.opt_state = jax.tree.map(lambda x: x if len(x.sharding.device_set) > 1 else jax.device_put(x, replicated),
                                       jax.jit(self.tx.init)(_f32(self.trainable)))
-        step = make_train_step(graphdef, rest, self.tx, self.objective, self.lora_cfg, accum, self.config.vocab_size)
-        self.train_step = jax.jit(step, donate_argnums=(0, 1))
+        self._step = make_train_step(graphdef, rest, self.tx, self.objective, self.lora_cfg, accum,
+                                     self.config.vocab_size)
+        self.train_step = None  # compiled for the first batch (``_compile_step``)
+        self.weight_layouts = _weight_layouts(cfg.run.get("weight_layouts", "auto"), self.mesh, self.frozen)
         self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch",), (d.batch_size,), self.mesh, RULES))
         self.assets = assets
 
@@ -279,6 +281,10 @@ class Trainer:
                     batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
                              for k, v in batch.items()}  # this process's rows of the global batch
                     key = jax.random.fold_in(base_key, step)
+                    if self.train_step is None:
+                        bar.set_description("train (compiling the step)")
+                        self._compile_step(batch, key)
+                        bar.set_description("train")
                     t_step = time.perf_counter()
                     self.trainable, self.opt_state, m = self.train_step(
                         self.trainable, self.opt_state, self.frozen, batch, key)
@@ -302,6 +308,18 @@ class Trainer:
             manager.close()
         return rows
 
+    def _compile_step(self, batch, key) -> None:
+        """Compiles the step once for the run's batches (``layouts.lower_train_step``). With
+        ``run.weight_layouts="xla"`` the frozen base weights' layouts are left to XLA, and the weights
+        are moved into them (``layouts.place``: one tensor at a time)."""
+        from dgemma_jax.layouts import lower_train_step, place
+
+        self.train_step = lower_train_step(self._step, self.trainable, self.opt_state, self.frozen, batch, key,
+                                           weight_layouts=self.weight_layouts).compile()
+        if self.weight_layouts == "xla":
+            self.frozen = place(self.frozen, self.train_step.input_formats[0][2])
+            nnx.update(self.model.module, self.frozen)  # its old buffers were donated
+
     # ---- export --------------------------------------------------------------------------------
     def merged_params(self) -> nnx.State:
         return self.trainable if self.lora_cfg is None else lora_lib.merge(self.frozen, self.trainable, self.lora_cfg)
@@ -316,6 +334,19 @@ class Trainer:
         if self.lora_cfg is not None:
             lora_lib.save(jax.device_get(self.trainable), self.lora_cfg, self.out_dir / "adapter")
         return out_dir
+
+
+def _weight_layouts(name: str, mesh: jax.sharding.Mesh, frozen) -> str:
+    """``run.weight_layouts`` -> "xla" or "default": ``auto`` is "xla" for LoRA on TPU (the frozen
+    weights in the layouts XLA picks for the step: ``layouts.lower_train_step``), else "default"."""
+    if name not in ("auto", "xla", "default"):
+        raise TrainError(f"run.weight_layouts={name!r}: expected 'auto', 'xla' or 'default'")
+    if name == "auto":
+        return "xla" if frozen is not None and mesh.devices.flat[0].platform == "tpu" else "default"
+    if name == "xla" and frozen is None:
+        raise TrainError("run.weight_layouts='xla' places LoRA's frozen base weights; with lora.enabled=False "
+                         "every weight is trained (use 'auto' or 'default')")
+    return name
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
