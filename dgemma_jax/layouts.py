@@ -36,17 +36,32 @@ from dgemma_jax.generation import CanvasRows, denoise_and_commit
 WEIGHT_LAYOUTS = ("default", "xla")
 
 
+def resolve_weight_layouts(name: str, platform: str) -> str:
+    """A ``weight_layouts`` setting (``"auto"`` or one of ``WEIGHT_LAYOUTS``) -> the one to use on
+    ``platform``: ``"auto"`` is ``"xla"`` on TPU (where XLA wants other layouts), else ``"default"``."""
+    if name not in ("auto", *WEIGHT_LAYOUTS):
+        raise ValueError(f"weight_layouts must be one of {('auto', *WEIGHT_LAYOUTS)}, got {name!r}")
+    return ("xla" if platform == "tpu" else "default") if name == "auto" else name
+
+
+def _auto_formats(weights, weight_layouts: str):
+    """``Format(Layout.AUTO)`` for each weight (keeping its sharding) with ``weight_layouts="xla"``,
+    None (the layouts as they are) with ``"default"``."""
+    if weight_layouts not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight_layouts must be one of {WEIGHT_LAYOUTS}, got {weight_layouts!r}")
+    return jax.tree.map(lambda x: Format(Layout.AUTO, _sharding(x)), weights) if weight_layouts == "xla" else None
+
+
 def lower_loop(graphdef, state, cache: KVCache, rows: CanvasRows, *, filters: tuple[int, float] = (0, 1.0),
                weight_layouts: str = "default") -> jax.stages.Lowered:
     """Lowers ``generate``'s per-canvas program (denoising loop + commit) for these arguments
     (arrays, or ``jax.ShapeDtypeStruct`` s with shardings). ``weight_layouts``: ``"default"`` (the
     weights' layouts as they are) or ``"xla"`` (XLA picks them: ``compiled.input_formats``)."""
-    if weight_layouts not in WEIGHT_LAYOUTS:
-        raise ValueError(f"weight_layouts must be one of {WEIGHT_LAYOUTS}, got {weight_layouts!r}")
     loop = functools.partial(denoise_and_commit, graphdef, filters=filters, with_hook=False)
     options = {}
-    if weight_layouts == "xla":  # the other arguments keep their own sharding and layout (None)
-        options["in_shardings"] = (jax.tree.map(lambda x: Format(Layout.AUTO, _sharding(x)), state), None, None, None)
+    formats = _auto_formats(state, weight_layouts)
+    if formats is not None:  # the other arguments keep their own sharding and layout (None)
+        options["in_shardings"] = (formats, None, None, None)
     return jax.jit(loop, donate_argnums=1, **options).lower(state, cache, rows, np.int32(0))
 
 
@@ -68,11 +83,9 @@ def lower_train_step(step, trainable, opt_state, frozen, *args,
     (``compiled.input_formats[0][2]``). With the defaults, on TPU, XLA copies the 26B experts into
     the layout their kernel reads at every use and keeps the copies alive across the step's passes
     (36 copies of 66 MB for one layer at 4,096 tokens: ``docs/scaling.md``)."""
-    if weight_layouts not in WEIGHT_LAYOUTS:
-        raise ValueError(f"weight_layouts must be one of {WEIGHT_LAYOUTS}, got {weight_layouts!r}")
     options = dict(out_shardings=(jax.tree.map(_sharding, trainable), jax.tree.map(_sharding, opt_state), None))
-    if weight_layouts == "xla":
-        formats = jax.tree.map(lambda x: Format(Layout.AUTO, _sharding(x)), frozen)
+    formats = _auto_formats(frozen, weight_layouts)
+    if formats is not None:
         options["in_shardings"] = (None, None, formats) + (None,) * len(args)
         frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_sharding(x)), frozen)
     return jax.jit(step, donate_argnums=(0, 1), **options).lower(trainable, opt_state, frozen, *args)

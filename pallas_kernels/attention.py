@@ -338,9 +338,8 @@ def _forward(q, ks, vs, offsets, mask: Mask, blocks: Blocks, with_lse: bool = Tr
     """q [B, K, G, Tp, D] (each key/value head's G query heads); ks/vs: the keys/values [B, K, Sp, D]
     as one array, or as the cache's and the canvas's, each padded to whole blocks
     -> (o [B, K, G, Tp, D], lse [B, K, G, 1, Tp] float32, or None without ``with_lse``: a forward
-    that nothing differentiates does not write it). A
-    program holds all G query heads of its key/value head, so each key and value tile is fetched
-    once per query block, not once per head."""
+    that nothing differentiates does not write it). A program holds all G query heads of its
+    key/value head, so each key and value tile is fetched once per query block, not once per head."""
     b, kh, group, t, d = q.shape
     bq, bk = blocks.q, blocks.k
     parts = _parts(ks, bk)

@@ -36,7 +36,7 @@ from dgemma_jax.api import Model, prompt_bucket
 from dgemma_jax.cache import KVCache, cache_capacity
 from dgemma_jax.generation import (FREE, CanvasRows, _denoise_and_commit, _eos_and_pad, eos_rows,
                                    registered_step_hook, row_keys_from_seeds)
-from dgemma_jax.layouts import WEIGHT_LAYOUTS, place_for_loop
+from dgemma_jax.layouts import WEIGHT_LAYOUTS, place_for_loop, resolve_weight_layouts
 from dgemma_jax.sampling import SamplerConfig, SamplerParams
 from dgemma_jax.sharding import logical_to_spec
 
@@ -180,7 +180,7 @@ class Engine:
         self._cache = self._empty_cache()
         self.stats = EngineStats()
         platform = next(iter(jax.tree.leaves(model.state)[0].devices())).platform
-        if config.weight_layouts == "xla" or (config.weight_layouts == "auto" and platform == "tpu"):
+        if resolve_weight_layouts(config.weight_layouts, platform) == "xla":
             place_for_loop(model, config.slots, self.capacity, filters=self.default_sampler.filters)
 
     # ---- public ------------------------------------------------------------------------------

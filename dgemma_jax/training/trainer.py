@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from dgemma_jax.api import Model, from_config, from_pretrained
 from dgemma_jax.chat import ChatTemplate
 from dgemma_jax.configs_io import load_model_config
+from dgemma_jax.layouts import WEIGHT_LAYOUTS, lower_train_step, place, resolve_weight_layouts
 from dgemma_jax.moe import resolve_impl
 from dgemma_jax.sharding import RULES, logical_to_spec, make_mesh
 from dgemma_jax.tokenizer import Tokenizer
@@ -312,8 +313,6 @@ class Trainer:
         """Compiles the step once for the run's batches (``layouts.lower_train_step``). With
         ``run.weight_layouts="xla"`` the frozen base weights' layouts are left to XLA, and the weights
         are moved into them (``layouts.place``: one tensor at a time)."""
-        from dgemma_jax.layouts import lower_train_step, place
-
         self.train_step = lower_train_step(self._step, self.trainable, self.opt_state, self.frozen, batch, key,
                                            weight_layouts=self.weight_layouts).compile()
         if self.weight_layouts == "xla":
@@ -339,14 +338,14 @@ class Trainer:
 def _weight_layouts(name: str, mesh: jax.sharding.Mesh, frozen) -> str:
     """``run.weight_layouts`` -> "xla" or "default": ``auto`` is "xla" for LoRA on TPU (the frozen
     weights in the layouts XLA picks for the step: ``layouts.lower_train_step``), else "default"."""
-    if name not in ("auto", "xla", "default"):
+    if name not in ("auto", *WEIGHT_LAYOUTS):
         raise TrainError(f"run.weight_layouts={name!r}: expected 'auto', 'xla' or 'default'")
-    if name == "auto":
-        return "xla" if frozen is not None and mesh.devices.flat[0].platform == "tpu" else "default"
-    if name == "xla" and frozen is None:
-        raise TrainError("run.weight_layouts='xla' places LoRA's frozen base weights; with lora.enabled=False "
-                         "every weight is trained (use 'auto' or 'default')")
-    return name
+    if frozen is None:  # full fine-tuning: every weight is trained, none is frozen to place
+        if name == "xla":
+            raise TrainError("run.weight_layouts='xla' places LoRA's frozen base weights; with lora.enabled=False "
+                             "every weight is trained (use 'auto' or 'default')")
+        return "default"
+    return resolve_weight_layouts(name, mesh.devices.flat[0].platform)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
