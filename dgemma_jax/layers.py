@@ -1,6 +1,9 @@
-"""Small building blocks: parameters with logical axes, RMSNorm, RoPE, the gated MLP."""
+"""Small building blocks: parameters with logical axes, LoRA-adapted weights, RMSNorm, RoPE, the gated
+MLP."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +36,67 @@ def host_init(var: nnx.Variable, rng: np.random.Generator) -> np.ndarray:
     if kind in ("ones", "zeros"):
         return (np.ones if kind == "ones" else np.zeros)(shape, dtype)
     return (var.get_metadata("init_std", 0.02) * rng.standard_normal(shape, np.float32)).astype(dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Adapted:
+    """A frozen weight with a LoRA adapter, ``base + scale * A @ B``, as a parameter's value in training.
+
+    ``A`` [*batch, *ins, r] takes the weight's input dims to the rank and ``B`` [*batch, r, *outs] the
+    rank to its output dims (``batch``: leading dims with an adapter each, e.g. the experts). Products
+    through :func:`project` never form the sum: ``x @ base + scale * (x @ A) @ B``, so the adapter's
+    contribution is not rounded away in the base weight's dtype and no weight-sized copy is made.
+    """
+
+    base: jax.Array
+    a: jax.Array
+    b: jax.Array
+    scale: float = dataclasses.field(metadata=dict(static=True))
+    batch: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    def __getitem__(self, index):
+        """``variable[...]`` reads the whole value."""
+        if index is not Ellipsis:
+            raise TypeError(f"an adapted weight is read whole (variable[...]), not indexed with {index!r}")
+        return self
+
+    def merged(self) -> jax.Array:
+        """``base + scale * A @ B``, summed in float32, in the base weight's dtype."""
+        lead = "e" if self.batch else ""
+        ins = "ijk"[: self.a.ndim - self.batch - 1]
+        outs = "uvw"[: self.b.ndim - self.batch - 1]
+        delta = jnp.einsum(f"{lead}{ins}r,{lead}r{outs}->{lead}{ins}{outs}", self.a, self.b)
+        return (self.base.astype(jnp.float32) + self.scale * delta).astype(self.base.dtype)
+
+    def project(self, spec: str, x: jax.Array) -> jax.Array:
+        """``jnp.einsum(spec, x, merged())`` as ``x @ base + scale * (x @ A) @ B``, in the dtype of
+        ``x @ base``. ``spec`` contracts x with the weight, e.g. ``"bth,hnd->btnd"`` or ``"...h,hi->...i"``."""
+        if self.batch:
+            raise ValueError("project: a weight with per-expert adapters is applied merged (Adapted.merged)")
+        operands, out = spec.split("->")
+        xs, ws = operands.split(",")
+        ins = "".join(c for c in ws if c in xs)  # contracted with x
+        outs = "".join(c for c in ws if c not in xs)
+        kept = "".join(c for c in out if c not in outs)  # x's dims that stay
+        r = next(c for c in "rzyxwq" if c not in spec)
+        y = jnp.einsum(spec, x, self.base)
+        low = jnp.einsum(f"{xs},{ins}{r}->{kept}{r}", x, self.a)
+        delta = jnp.einsum(f"{kept}{r},{r}{outs}->{out}", low, self.b)
+        return (y.astype(jnp.float32) + self.scale * delta.astype(jnp.float32)).astype(y.dtype)
+
+
+def project(spec: str, x: jax.Array, weight) -> jax.Array:
+    """``jnp.einsum(spec, x, weight)`` for a plain or an :class:`Adapted` weight."""
+    if isinstance(weight, Adapted):
+        return weight.project(spec, x)
+    return jnp.einsum(spec, x, weight)
+
+
+def whole(weight) -> jax.Array:
+    """The weight as one array: an :class:`Adapted` weight merged (for consumers of whole weights,
+    such as the MoE back ends' grouped matmuls)."""
+    return weight.merged() if isinstance(weight, Adapted) else weight
 
 
 def _inverse_rms(x: jax.Array, eps: float) -> jax.Array:
@@ -99,4 +163,5 @@ class GatedMLP(nnx.Module):
         self.down = param(rngs, (i, h), ("mlp", "embed"), dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return (jax.nn.gelu(x @ self.gate[...], approximate=True) * (x @ self.up[...])) @ self.down[...]
+        gate, up = project("...h,hi->...i", x, self.gate[...]), project("...h,hi->...i", x, self.up[...])
+        return project("...i,ih->...h", jax.nn.gelu(gate, approximate=True) * up, self.down[...])

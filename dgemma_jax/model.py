@@ -16,7 +16,8 @@ from flax import nnx
 from dgemma_jax.attention import attend_canvas, attend_causal, heads_first
 from dgemma_jax.cache import KVCache, write_rows
 from dgemma_jax.config import SLIDING, ModelConfig
-from dgemma_jax.layers import Buffer, GatedMLP, RMSNorm, apply_rope, inverse_rms, param, rms_norm, rope_frequencies
+from dgemma_jax.layers import (Buffer, GatedMLP, RMSNorm, apply_rope, inverse_rms, param, project, rms_norm,
+                               rope_frequencies)
 from dgemma_jax.moe import MoE
 from dgemma_jax.sharding import constrain
 
@@ -43,9 +44,9 @@ class Attention(nnx.Module):
 
     def qkv(self, x: jax.Array, positions: jax.Array):
         """x [B, T, H] -> q [B, T, N, D], k [B, K, T, D], v [B, K, T, D] (heads first, as the cache)."""
-        q = jnp.einsum("bth,hnd->btnd", x, self.q_proj[...])
-        k_raw = jnp.einsum("bth,hkd->btkd", x, self.k_proj[...])
-        v_raw = k_raw if self.v_proj is None else jnp.einsum("bth,hkd->btkd", x, self.v_proj[...])
+        q = project("bth,hnd->btnd", x, self.q_proj[...])
+        k_raw = project("bth,hkd->btkd", x, self.k_proj[...])
+        v_raw = k_raw if self.v_proj is None else project("bth,hkd->btkd", x, self.v_proj[...])
         inv_freq = rope_frequencies(self.rope, self.head_dim)
         # every head's RMS in one reduction (full layers: V is K's raw projection, the same RMS)
         q_rms, k_rms, *v_rms = inverse_rms([q, k_raw] + ([] if self.v_proj is None else [v_raw]),
@@ -56,7 +57,7 @@ class Attention(nnx.Module):
         return q, heads_first(k), heads_first(v)
 
     def out(self, o: jax.Array) -> jax.Array:
-        return jnp.einsum("btnd,ndh->bth", o, self.o_proj[...])
+        return project("btnd,ndh->bth", o, self.o_proj[...])
 
     def encode(self, x, positions, keys, values, start):
         """Causal pass. Writes K/V at ``start`` [B]; returns (output, keys, values)."""

@@ -45,7 +45,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
 from dgemma_jax.config import ModelConfig
-from dgemma_jax.layers import param, rms_norm
+from dgemma_jax.layers import param, rms_norm, whole
 from dgemma_jax.sharding import RULES, logical_to_spec
 
 EXPERT_AXIS = "expert"
@@ -268,7 +268,7 @@ class MoE(nnx.Module):
         On a mesh, the leading (batch) dim is split as the activations' batch is."""
         c = self.config
         scales = [None if v is None else v[...] for v in (self.gate_scale, self.up_scale, self.down_scale)]
-        experts = ExpertWeights(self.gate[...], self.up[...], self.down[...], *scales)
+        experts = ExpertWeights(whole(self.gate[...]), whole(self.up[...]), whole(self.down[...]), *scales)
         params = (self.router_proj[...], self.router_scale[...], self.per_expert_scale[...], experts)
         platform = self.mesh.devices.flat[0].platform if self.mesh is not None else None
         run = functools.partial(_moe, resolve_impl(c.moe_impl, platform), c.num_experts_per_tok, c.rms_norm_eps)

@@ -6,8 +6,11 @@ weights [E, in, out] get one adapter per expert (A [E, in, r], B [E, r, out]). `
 so a fresh adapter leaves the model unchanged.
 
 Adapters are a flat dict ``{"layers.3.attn.q_proj": {"a": ..., "b": ...}}`` keyed by the weight's
-path in the module. The forward pass uses the merged weight ``W + scale * A @ B`` (one weight-sized
-add per adapted tensor and step), so training, :func:`merge` and export share one definition.
+path in the module. The training forward pass applies them beside the frozen weights
+(:func:`adapt`: ``x @ W + scale * (x @ A) @ B``, :class:`~dgemma_jax.layers.Adapted`), which keeps
+small adapter contributions that ``W + scale * A @ B`` rounded to bf16 would lose and makes no
+weight-sized copy; the experts' grouped matmuls take whole weights, so expert adapters are merged
+there. :func:`merge` (export, evaluation) forms ``W + scale * A @ B`` with the same definition.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from dgemma_jax.layers import Adapted
 
 # (module group, weight name) -> (leading batch dims, input dims) of that weight.
 _TARGETS = {
@@ -82,26 +87,27 @@ def init(params: nnx.State, cfg: LoraConfig, seed: int = 0) -> dict[str, dict[st
     return adapters
 
 
-def delta(a: jax.Array, b: jax.Array, batch: int) -> jax.Array:
-    """scale-free A @ B for ``batch`` leading dims: contracts the rank axis."""
-    lead = "e" if batch else ""
-    ins = "ijk"[: a.ndim - batch - 1]
-    outs = "uvw"[: b.ndim - batch - 1]
-    return jnp.einsum(f"{lead}{ins}r,{lead}r{outs}->{lead}{ins}{outs}", a, b)
-
-
-def merge(params: nnx.State, adapters: dict, cfg: LoraConfig) -> nnx.State:
-    """``params`` with every adapted weight replaced by ``W + scale * A @ B`` (in W's dtype)."""
+def _rewrite(params: nnx.State, adapters: dict, cfg: LoraConfig, finish) -> nnx.State:
+    """``params`` with every adapted weight's value replaced by ``finish(Adapted(W, A, B))``."""
     flat = []
     for path, value in nnx.to_flat_state(params):
         name = path_name(path)
         if name in adapters:
-            w = value.get_value()
             ad = adapters[name]
-            merged = w.astype(jnp.float32) + cfg.scale * delta(ad["a"], ad["b"], _target(path)[0])
-            value = value.replace(merged.astype(w.dtype))
+            value = value.replace(finish(Adapted(value.get_value(), ad["a"], ad["b"], cfg.scale, _target(path)[0])))
         flat.append((path, value))
     return nnx.from_flat_state(flat)
+
+
+def adapt(params: nnx.State, adapters: dict, cfg: LoraConfig) -> nnx.State:
+    """``params`` with every adapted weight an :class:`~dgemma_jax.layers.Adapted` value: the training
+    forward pass, which applies the adapters beside the frozen weights (experts merged)."""
+    return _rewrite(params, adapters, cfg, lambda w: w)
+
+
+def merge(params: nnx.State, adapters: dict, cfg: LoraConfig) -> nnx.State:
+    """``params`` with every adapted weight replaced by ``W + scale * A @ B`` (in W's dtype)."""
+    return _rewrite(params, adapters, cfg, Adapted.merged)
 
 
 def save(adapters: dict, cfg: LoraConfig, out_dir: str | os.PathLike) -> Path:

@@ -93,7 +93,7 @@ def make_train_step(graphdef, rest, tx, objective: ObjectiveConfig, lora_cfg: lo
     """
 
     def loss_fn(trainable, frozen, micro, key):
-        params = trainable if lora_cfg is None else lora_lib.merge(frozen, trainable, lora_cfg)
+        params = trainable if lora_cfg is None else lora_lib.adapt(frozen, trainable, lora_cfg)
         module = nnx.merge(graphdef, params, rest)
         n = micro["loss_mask"].shape[1]
         response = response_of(micro["tokens"], micro["prompt_len"], n)
