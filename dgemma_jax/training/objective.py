@@ -103,12 +103,16 @@ def losses(model: DiffusionGemma, tokens: jax.Array, prompt_len: jax.Array, loss
         _, cache = model.encode(tokens[:, : s - length], cache, prompt_len + n - length)
         ar = jnp.zeros((), jnp.float32)
 
-    diffusion_ce = []
-    for c in range(n // length):
-        cut = dataclasses.replace(cache, length=prompt_len + c * length)  # prompt + clean canvases < c
-        canvas = noise.canvases[:, c * length:(c + 1) * length]
+    def canvas_ce(_, xs):  # canvas c against the cache cut at p + c*L: the prompt and clean canvases < c
+        c, canvas, target = xs  # [], [B, L], [B, L]
+        cut = dataclasses.replace(cache, length=prompt_len + c * length)
         first = jax.lax.stop_gradient(model.denoise(canvas, cut))
         logits = model.denoise(canvas, cut, first, noise.self_cond)
-        diffusion_ce.append(cross_entropy(logits, response[:, c * length:(c + 1) * length]))
-    diffusion = masked_mean(jnp.concatenate(diffusion_ce, axis=1), loss_mask)
+        return None, cross_entropy(logits, target)
+
+    # a scan over the canvases: the gradient sums each layer's cache gradient over the canvases as it
+    # goes (one accumulator), and the step holds one canvas pass, not C of them
+    by_canvas = jax.tree.map(lambda x: x.reshape(b, -1, length).swapaxes(0, 1), (noise.canvases, response))
+    _, ce = jax.lax.scan(canvas_ce, None, (jnp.arange(n // length, dtype=jnp.int32), *by_canvas))  # [C, B, L]
+    diffusion = masked_mean(ce.swapaxes(0, 1).reshape(b, n), loss_mask)
     return dict(loss=diffusion + cfg.ar_weight * ar, diffusion=diffusion, ar=ar)
