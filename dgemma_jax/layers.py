@@ -45,8 +45,9 @@ class Adapted:
 
     ``A`` [*batch, *ins, r] takes the weight's input dims to the rank and ``B`` [*batch, r, *outs] the
     rank to its output dims (``batch``: leading dims with an adapter each, e.g. the experts). Products
-    through :func:`project` never form the sum: ``x @ base + scale * (x @ A) @ B``, so the adapter's
-    contribution is not rounded away in the base weight's dtype and no weight-sized copy is made.
+    through :func:`project` never form the sum: ``x @ base + scale * (x @ A) @ B``, so no weight-sized
+    copy is made and the adapter's contribution is rounded per output, not into each weight (where a
+    change under half a bf16 step is lost for every token).
     """
 
     base: jax.Array

@@ -202,4 +202,9 @@ class DiffusionGemma(nnx.Module):
         positions = cache.length[:, None] + jnp.arange(canvas.shape[1], dtype=jnp.int32)[None, :]
         for i, layer in enumerate(self.layers):
             x = self._layer_fn("denoise")(layer, x, positions, cache.keys[i], cache.values[i], cache.length)
-        return self.logits(self.final_norm(x))
+
+        def head(x):  # [B, L, H] -> [B, L, V]
+            return self.logits(self.final_norm(x))
+
+        # with remat the float32 logits are recomputed in the backward pass, not kept per canvas
+        return (jax.checkpoint(head) if self.config.remat else head)(x)

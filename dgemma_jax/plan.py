@@ -15,7 +15,8 @@ the layouts XLA picks for it, as serving places them), ``train``
 (one LoRA step of ``configs/train/lora_26b_sft.py``'s recipe: rank 16 on attention + dense MLP,
 AdamW, remat, the frozen weights placed as ``Trainer`` places them; each row holds as many whole
 canvases as ``context`` has room for, after a prompt of the rest, or of one canvas when nothing is
-left: 2,048 -> 256 + 8 x 256 tokens).
+left: 2,048 -> 256 + 8 x 256 tokens). XLA's flop and byte counts take a ``while`` body once: the
+loop's one pass, the train step's one canvas of its scan over the row's canvases.
 """
 
 from __future__ import annotations
