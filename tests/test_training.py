@@ -199,19 +199,19 @@ def _adapters(frozen, targets, rank=4, b_scale=0.05, seed=0):
             for name, ad in adapters.items()}, cfg
 
 
-@pytest.mark.parametrize("spec, x_shape, w_shape, batch", [
-    ("bth,hnd->btnd", (2, 3, 8), (8, 4, 6), 0),  # q/k/v
-    ("btnd,ndh->bth", (2, 3, 4, 6), (4, 6, 8), 0),  # o
-    ("...h,hi->...i", (5, 8), (8, 12), 0),  # dense MLP
+@pytest.mark.parametrize("spec, x_shape, w_shape", [
+    ("bth,hnd->btnd", (2, 3, 8), (8, 4, 6)),  # q/k/v
+    ("btnd,ndh->bth", (2, 3, 4, 6), (4, 6, 8)),  # o
+    ("...h,hi->...i", (5, 8), (8, 12)),  # dense MLP
 ])
-def test_an_adapted_weight_projects_as_its_merged_weight(spec, x_shape, w_shape, batch):
+def test_an_adapted_weight_projects_as_its_merged_weight(spec, x_shape, w_shape):
     """``Adapted.project`` (x @ W + s (x @ A) @ B) equals the einsum with ``W + s A @ B``; float32: 1e-5."""
     rng = np.random.default_rng(0)
     xs, ws = spec.split("->")[0].split(",")
     n_in = sum(c in xs for c in ws)
     a = rng.standard_normal(w_shape[:n_in] + (3,), np.float32)
     b = rng.standard_normal((3,) + w_shape[n_in:], np.float32)
-    w = Adapted(jnp.asarray(rng.standard_normal(w_shape, np.float32)), jnp.asarray(a), jnp.asarray(b), 0.5, batch)
+    w = Adapted(jnp.asarray(rng.standard_normal(w_shape, np.float32)), jnp.asarray(a), jnp.asarray(b), 0.5)
     x = jnp.asarray(rng.standard_normal(x_shape, np.float32))
     np.testing.assert_allclose(np.asarray(project(spec, x, w)), np.asarray(jnp.einsum(spec, x, w.merged())),
                                rtol=1e-5, atol=1e-5)
