@@ -191,6 +191,11 @@ class DiffusionGemma(nnx.Module):
         ``self_conditioning_mask`` [B] bool: rows where it is False get exactly zero signal (as if no
         logits were given), so one compiled step serves first and later denoising steps alike.
         """
+        return self.logits(self.denoise_hidden(canvas, cache, self_conditioning_logits, self_conditioning_mask))
+
+    def denoise_hidden(self, canvas: jax.Array, cache: KVCache, self_conditioning_logits: jax.Array | None = None,
+                       self_conditioning_mask: jax.Array | None = None):
+        """``denoise`` without its logits head: the final (normed) hidden states [B, L, H]."""
         x = self.embed(canvas)
         if self_conditioning_logits is None:
             soft = jnp.zeros_like(x)
@@ -202,9 +207,4 @@ class DiffusionGemma(nnx.Module):
         positions = cache.length[:, None] + jnp.arange(canvas.shape[1], dtype=jnp.int32)[None, :]
         for i, layer in enumerate(self.layers):
             x = self._layer_fn("denoise")(layer, x, positions, cache.keys[i], cache.values[i], cache.length)
-
-        def head(x):  # [B, L, H] -> [B, L, V]
-            return self.logits(self.final_norm(x))
-
-        # with remat the float32 logits are recomputed in the backward pass, not kept per canvas
-        return (jax.checkpoint(head) if self.config.remat else head)(x)
+        return self.final_norm(x)

@@ -81,6 +81,17 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def head_cross_entropy(model: DiffusionGemma, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+    """Final hidden states [B, T, H], targets [B, T] -> per-position -log p(target) [B, T].
+
+    With ``config.remat`` the float32 logits and their log-softmax are recomputed in the backward
+    pass: only ``hidden`` is kept, not [B, T, V] floats."""
+    def head(hidden):
+        return cross_entropy(model.logits(hidden), targets)
+
+    return (jax.checkpoint(head) if model.config.remat else head)(hidden)
+
+
 def losses(model: DiffusionGemma, tokens: jax.Array, prompt_len: jax.Array, loss_mask: jax.Array,
            noise: Noise, cfg: ObjectiveConfig) -> dict[str, jax.Array]:
     """The objective for given noise. tokens [B, S], prompt_len [B], loss_mask [B, C*L] (float).
@@ -97,22 +108,30 @@ def losses(model: DiffusionGemma, tokens: jax.Array, prompt_len: jax.Array, loss
         cache = KVCache.for_positions(model.config, b, s, model.dtype)
         hidden, cache = model.encode(tokens, cache, prompt_len + n)  # [B, S, H]
         before = response_of(hidden, prompt_len - 1, n)  # [B, C*L, H]: hidden states predicting the response
-        ar = masked_mean(cross_entropy(model.logits(before), response), loss_mask)
     else:  # no AR loss: encode only what some canvas attends to (the last canvas is never read)
         cache = KVCache.for_positions(model.config, b, s - length, model.dtype)
         _, cache = model.encode(tokens[:, : s - length], cache, prompt_len + n - length)
-        ar = jnp.zeros((), jnp.float32)
+        before = None
 
     def canvas_ce(_, xs):  # canvas c against the cache cut at p + c*L: the prompt and clean canvases < c
-        c, canvas, target = xs  # [], [B, L], [B, L]
+        c, canvas, target, before_c = xs  # [], [B, L], [B, L], [B, L, H] or None
         cut = dataclasses.replace(cache, length=prompt_len + c * length)
         first = jax.lax.stop_gradient(model.denoise(canvas, cut))
-        logits = model.denoise(canvas, cut, first, noise.self_cond)
-        return None, cross_entropy(logits, target)
+        hidden = model.denoise_hidden(canvas, cut, first, noise.self_cond)
+        ar_ce = None if before_c is None else head_cross_entropy(model, before_c, target)
+        return None, (head_cross_entropy(model, hidden, target), ar_ce)
 
     # a scan over the canvases: the gradient sums each layer's cache gradient over the canvases as it
-    # goes (one accumulator), and the step holds one canvas pass, not C of them
-    by_canvas = jax.tree.map(lambda x: x.reshape(b, -1, length).swapaxes(0, 1), (noise.canvases, response))
-    _, ce = jax.lax.scan(canvas_ce, None, (jnp.arange(n // length, dtype=jnp.int32), *by_canvas))  # [C, B, L]
-    diffusion = masked_mean(ce.swapaxes(0, 1).reshape(b, n), loss_mask)
+    # goes (one accumulator), and the step holds one canvas pass, not C of them; the AR loss's logits
+    # are taken a canvas's positions at a time in the same scan
+    def by_canvas(x):  # [B, C*L, ...] -> [C, B, L, ...]
+        return None if x is None else x.reshape(b, -1, length, *x.shape[2:]).swapaxes(0, 1)
+
+    def flat(ce):  # [C, B, L] -> [B, C*L]
+        return ce.swapaxes(0, 1).reshape(b, n)
+
+    canvas_ids = jnp.arange(n // length, dtype=jnp.int32)
+    _, (ce, ar_ce) = jax.lax.scan(canvas_ce, None, (canvas_ids, *map(by_canvas, (noise.canvases, response, before))))
+    diffusion = masked_mean(flat(ce), loss_mask)
+    ar = jnp.zeros((), jnp.float32) if ar_ce is None else masked_mean(flat(ar_ce), loss_mask)
     return dict(loss=diffusion + cfg.ar_weight * ar, diffusion=diffusion, ar=ar)
