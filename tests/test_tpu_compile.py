@@ -139,7 +139,7 @@ def test_26b_train_step_full_layer_compiles_for_v5e_2x4(monkeypatch):
     one (8 query heads of 512 per key/value head: the kernels' largest VMEM blocks), at context 2,048
     on the serving layout: each pass's kernels fit their scoped VMEM inside the step, not only on
     their own (the canvas pass's did not with Mosaic's default 16 MiB; the whole 30 layers take about
-    7 minutes to compile here, too long for CI). The frozen weights are in the layouts XLA picks, as ``Trainer``
+    10 minutes to compile here, too long for CI). The frozen weights are in the layouts XLA picks, as ``Trainer``
     places them on TPU: then the step holds no copy of the experts' gate/up weights (with the default
     layouts it copied them at every use and kept the copies: 36 of them at 4,096 tokens)."""
     from dgemma_jax import plan as P
