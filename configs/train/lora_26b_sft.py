@@ -8,9 +8,9 @@ and the dense MLP (add "moe" to ``lora.targets`` to adapt every expert too).
 bf16 weights with float32 optimizer state; the base weights are sharded by ``run.mesh`` with the
 model's fsdp/expert rules (e.g. ``--config.run.mesh="{'data': 1, 'fsdp': 4, 'expert': 2}"``).
 On a TPU v5e:2x4 (16 GB per chip), ``run.mesh={'expert': 8}`` with one row of 2,048 tokens per
-micro-batch (``data.batch_size`` = ``optim.grad_accum``) compiles to 14.10 GB per chip, 15.77 GB
-with rows of 4,096 (``dgemma plan --topology v5e:2x4 --mesh expert=8 --batch 1 --context 2048
---programs train``; docs/scaling.md).
+micro-batch (``data.batch_size`` = ``optim.grad_accum``) compiles to 14.10 GB per chip
+(``dgemma plan --topology v5e:2x4 --mesh expert=8 --batch 1 --context 2048 --programs train``;
+docs/scaling.md), and to 15.77 GB with rows of 4,096 (``--context 4096``).
 """
 
 import ml_collections
