@@ -106,6 +106,16 @@ def test_engine_equals_generate_over_several_canvases(engine, model):
     assert got.reason == "length" and len(got.steps) == 3 and got.tokens == want.tolist()
 
 
+def test_an_eos_in_the_last_canvas_within_max_tokens_is_a_stop(engine):
+    eos = 7
+    clamp = [20 + k for k in range(12)]  # two canvases of 8; the last holds 4 of the 12 positions
+    clamp[9] = eos
+    got = engine.generate(Request([2, 10], 12, clamp=clamp, eos_token_ids=(eos,)))
+    assert got.reason == "stop" and got.tokens == clamp[:10]
+    got = engine.generate(Request([2, 10], 12, clamp=clamp, eos_token_ids=()))
+    assert got.reason == "length" and got.tokens == clamp
+
+
 def test_engine_batch_gives_each_request_its_own_output(engine):
     """Full 48-step denoising, different prompts, lengths, seeds and sampler settings: run together
     (and joining at different canvases) each request gets exactly what it gets alone."""
@@ -191,13 +201,14 @@ def test_n_choices_use_consecutive_seeds(served):
 
 
 def test_streaming_sends_the_same_text_canvas_by_canvas(served):
-    whole = chat(served, max_tokens=24, seed=4).choices[0].message.content
+    whole_reply = chat(served, max_tokens=24, seed=4)
+    whole = whole_reply.choices[0].message.content
     chunks = list(chat(served, max_tokens=24, seed=4, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    assert chunks[-1].usage.completion_tokens == 24 and not chunks[-1].choices
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole_reply.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole_reply.usage.completion_tokens and not chunks[-1].choices
 
 
 def test_preview_events_show_the_canvas_while_it_denoises(served):

@@ -370,12 +370,13 @@ class Engine:
             kept = row[:ends[0] + 1] if ends else row  # generate's rule: what follows the first EOS is pad
             if last:  # the last canvas may hold more positions than max_new_tokens asks for
                 kept = kept[:max(0, slot.handle.request.max_new_tokens - len(slot.tokens))]
+            stopped = bool(ends) and len(kept) == ends[0] + 1  # its EOS is within max_new_tokens
             slot.tokens.extend(kept)
             slot.steps.append(int(passes[i]))
             self.stats.tokens(len(kept))
             _deliver(slot.handle, Canvas(slot.canvas_index, kept, int(passes[i]), seconds))
             slot.canvas_index += 1
-            if ends and not last:
+            if stopped:
                 self._finish(i, "stop")
             elif self._stopped_by_request(slot):
                 self._finish(i, "stop")
