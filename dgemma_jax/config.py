@@ -69,7 +69,7 @@ class ModelConfig:
     # Back ends (not part of the checkpoint): how MoE and attention are computed.
     moe_impl: str = "auto"
     attention_impl: str = "xla"
-    remat: bool = False  # recompute each layer's activations and the canvas logits in the backward pass
+    remat: bool = False  # recompute each layer's activations and the training losses' logits in the backward pass
 
     def __post_init__(self):
         for lt in self.layer_types:

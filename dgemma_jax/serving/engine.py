@@ -376,9 +376,7 @@ class Engine:
             self.stats.tokens(len(kept))
             _deliver(slot.handle, Canvas(slot.canvas_index, kept, int(passes[i]), seconds))
             slot.canvas_index += 1
-            if stopped:
-                self._finish(i, "stop")
-            elif self._stopped_by_request(slot):
+            if stopped or self._stopped_by_request(slot):
                 self._finish(i, "stop")
             elif last:
                 self._finish(i, "length")

@@ -9,7 +9,8 @@ Adapters are a flat dict ``{"layers.3.attn.q_proj": {"a": ..., "b": ...}}`` keye
 path in the module. The training forward pass applies them beside the frozen weights
 (:func:`adapt`: ``x @ W + scale * (x @ A) @ B``, :class:`~dgemma_jax.layers.Adapted`): no weight-sized
 copy, and small adapter changes are rounded per output instead of lost in each bf16 weight. The
-experts' grouped matmuls take whole weights, so expert adapters are merged there. :func:`merge` (export, evaluation) forms ``W + scale * A @ B`` with the same definition.
+experts' grouped matmuls take whole weights, so expert adapters are merged there. :func:`merge`
+(export, evaluation) forms ``W + scale * A @ B`` with the same definition.
 """
 
 from __future__ import annotations
